@@ -1,0 +1,55 @@
+# jobsvc: `make run` serves, `make test` proves. Both bootstrap .venv on a fresh Debian 12 machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LISTEN ?= 127.0.0.1:50051
+STATE ?= .jobsvc
+
+.PHONY: all venv test unit-test system-test lint proto run clean bench vm-test
+
+all: test
+
+$(PY):
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+test: unit-test system-test
+
+unit-test: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+system-test: $(STAMP)
+	$(PY) -m pytest -q tests/system
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy jobsvc cli
+
+proto: $(STAMP)
+	$(PY) proto/generate.py jobsvc/_pb
+
+run: $(STAMP)
+	@if [ -z "$$(ls -A $(STATE)/pki 2>/dev/null)" ]; then \
+		$(VENV)/bin/jobsvc pki init $(STATE)/pki --user alice --user bob; fi
+	@echo "# point jobctl at this server (these are also jobctl's defaults when run from this directory):"
+	@echo "export JOBCTL_TARGET=$(LISTEN)"
+	@echo "export JOBCTL_CA_CERT=$(CURDIR)/$(STATE)/pki/ca.pem"
+	@echo "export JOBCTL_CLIENT_CERT=$(CURDIR)/$(STATE)/pki/alice.pem JOBCTL_CLIENT_KEY=$(CURDIR)/$(STATE)/pki/alice-key.pem"
+	@echo "export PATH=$(CURDIR)/$(VENV)/bin:\$$PATH"
+	exec $(VENV)/bin/jobsvc serve --listen $(LISTEN) --state-dir $(STATE)/state \
+		--ca-cert $(STATE)/pki/ca.pem --server-cert $(STATE)/pki/server.pem --server-key $(STATE)/pki/server-key.pem
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results/*.tmp
+	find . -name __pycache__ -prune -exec rm -rf {} +

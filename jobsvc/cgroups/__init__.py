@@ -1,0 +1,1 @@
+"""Resource control behind one interface (see base.py)."""

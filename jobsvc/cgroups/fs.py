@@ -1,0 +1,64 @@
+"""Small, exact file operations on cgroupfs."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+
+def write_file(path: Path | str, value: str) -> None:
+    """Write with one os.write, so the kernel's refusal (EINVAL, ENODEV...) is raised here, not lost at close.
+
+    O_CREAT changes nothing on cgroupfs (it cannot create files) and lets a plain directory stand in for it in tests.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path | str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def read_int(path: Path | str) -> int | None:
+    """An integer file, or None when it does not exist (a controller feature this kernel lacks)."""
+    try:
+        return int(read_file(path).strip())
+    except FileNotFoundError:
+        return None
+
+
+def read_pids(procs_file: Path | str) -> list[int]:
+    """The processes listed in a cgroup.procs file; a vanished group has none."""
+    try:
+        text = read_file(procs_file)
+    except FileNotFoundError:
+        return []
+    return [int(line) for line in text.split()]
+
+
+def remove_dir(path: Path) -> bool:
+    """rmdir one group; True when it is gone (ENOENT counts), False on EBUSY (tasks still leaving)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return False
+        raise
+    return True
+
+
+def remove_tree(path: Path) -> bool:
+    """Remove a group and all groups below it, deepest first; False if any is still busy."""
+    if not path.exists():
+        return True
+    ok = True
+    for sub in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+        ok = remove_tree(sub) and ok
+    return remove_dir(path) and ok

@@ -1,0 +1,262 @@
+"""Job: one process tree with its groups, its output log and its state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from jobsvc.cgroups.base import JobGroup
+from jobsvc.model import ExitInfo, JobRecord, Limits, Usage
+from jobsvc.output import STDERR, STDOUT, OutputLog
+from jobsvc.states import JobStatus, check_transition
+
+log = logging.getLogger(__name__)
+
+PIPE_SIZE = 1024 * 1024  # fewer wake-ups for chatty jobs; the kernel caps it at fs.pipe-max-size
+_BATCH = 16  # pipe reads per wake-up before yielding to the loop
+FREEZE_TIMEOUT = 0.25  # a task in uninterruptible I/O can keep a group FREEZING forever
+KILL_TIMEOUT = 10.0
+OUTPUT_DRAIN_TIMEOUT = 2.0
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _signal_all(group: JobGroup, sig: int) -> int:
+    n = 0
+    for pid in group.pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            n += 1
+    return n
+
+
+async def kill_group(group: JobGroup) -> bool:
+    """SIGKILL every process of the group: freeze -> kill -> thaw, then a kill loop. True when it is empty."""
+    if not group.pids():
+        return True
+    loop = asyncio.get_running_loop()
+    try:
+        group.freeze()
+        deadline = loop.time() + FREEZE_TIMEOUT
+        while not group.is_frozen() and loop.time() < deadline:
+            await asyncio.sleep(0.001)
+        _signal_all(group, signal.SIGKILL)
+    finally:
+        group.thaw()
+    deadline = loop.time() + KILL_TIMEOUT
+    delay = 0.001
+    while group.pids():
+        if loop.time() > deadline:
+            return False
+        _signal_all(group, signal.SIGKILL)  # anything forked while the freeze had not settled
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+async def destroy_group(group: JobGroup) -> bool:
+    """Remove the groups, retrying while the kernel says EBUSY (tasks still leaving)."""
+    delay = 0.001
+    for _ in range(60):
+        if group.destroy():
+            return True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return False
+
+
+class Job:
+    """A running or ended job. All status changes go through _transition()."""
+
+    def __init__(
+        self,
+        job_id: str,
+        owner: str,
+        argv: tuple[bytes, ...],
+        limits: Limits,
+        group: JobGroup,
+        output: OutputLog,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.id = job_id
+        self.owner = owner
+        self.argv = argv
+        self.limits = limits
+        self.group = group
+        self.output = output
+        self._clock = clock
+        self.status = JobStatus.RUNNING
+        self.started_at = clock()
+        self.ended_at: dt.datetime | None = None
+        self.pid: int | None = None
+        self.reason: str | None = None
+        self.exit: ExitInfo | None = None
+        self.oom_killed = False
+        self.usage = Usage()
+        self._ended = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._stop_deadline: float | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._open_pipes: set[int] = set()
+        self._pipes_done = asyncio.Event()
+
+    # -- state ------------------------------------------------------------------------------------------------------
+
+    def _transition(self, new: JobStatus) -> None:
+        check_transition(self.status, new)
+        self.status = new
+
+    def record(self) -> JobRecord:
+        exit_info = self.exit or ExitInfo(None, None)
+        usage = self.usage if self.ended else self.group.usage()
+        return JobRecord(
+            id=self.id,
+            owner=self.owner,
+            command=self.argv,
+            status=self.status,
+            started_at=self.started_at,
+            limits=self.limits,
+            pid=self.pid,
+            reason=self.reason,
+            exit_code=exit_info.exit_code,
+            signal=exit_info.signal,
+            oom_killed=self.oom_killed,
+            ended_at=self.ended_at,
+            usage=usage,
+            output_bytes=self.output.size,
+        )
+
+    @property
+    def ended(self) -> bool:
+        return self.status.ended
+
+    async def wait(self) -> JobRecord:
+        await self._ended.wait()
+        return self.record()
+
+    # -- running ----------------------------------------------------------------------------------------------------
+
+    def attach(self, pid: int, exit_status: asyncio.Future[int], stdout_r: int, stderr_r: int) -> None:
+        """Take over a started process: drain its pipes into the log and supervise its end."""
+        self.pid = pid
+        loop = asyncio.get_running_loop()
+        for fd, tag in ((stdout_r, STDOUT), (stderr_r, STDERR)):
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self._open_pipes.add(fd)
+            loop.add_reader(fd, self._drain, fd, tag)
+        self._supervisor = loop.create_task(self._supervise(exit_status), name=f"job-{self.id}")
+
+    def _drain(self, fd: int, tag: int) -> None:
+        try:
+            for _ in range(_BATCH):
+                try:
+                    n = self.output.splice_from(tag, fd, PIPE_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as e:  # the state dir's disk refused: keep the job unblocked, count the loss
+                    n = self._discard(fd, e)
+                if n == 0:
+                    self._close_pipe(fd)
+                    break
+        finally:
+            self.output.notify()
+
+    def _discard(self, fd: int, err: OSError) -> int:
+        try:
+            data = os.read(fd, PIPE_SIZE)
+        except BlockingIOError:
+            return -1
+        if data:
+            if self.output.lost_bytes == 0:
+                log.error("job %s: output lost (%s)", self.id, err)
+            self.output.lost_bytes += len(data)
+        return len(data)
+
+    def _close_pipe(self, fd: int) -> None:
+        if fd in self._open_pipes:
+            self._open_pipes.discard(fd)
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+        if not self._open_pipes:
+            self._pipes_done.set()
+
+    async def _finish_output(self) -> None:
+        """The group is empty, so the pipes reach EOF at once, unless something escaped the group holding one."""
+        try:
+            await asyncio.wait_for(self._pipes_done.wait(), OUTPUT_DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.warning("job %s: a process outside the job holds its output pipe; closing it", self.id)
+            for fd in list(self._open_pipes):
+                self._drain(fd, STDOUT)
+                self._close_pipe(fd)
+
+    async def _supervise(self, exit_status: asyncio.Future[int]) -> None:
+        try:
+            status = await exit_status
+        except ConnectionError:
+            # The spawn helper died, so nobody can reap the leader: end the job by force.
+            log.error("job %s: the spawn helper is gone; killing the job", self.id)
+            status = signal.SIGKILL  # a wait status meaning "killed by SIGKILL"
+        loop = asyncio.get_running_loop()
+        if self._stop_deadline is not None:
+            # A stop is in progress: the rest of the group gets its grace period too.
+            while self.group.pids() and loop.time() < self._stop_deadline:
+                await asyncio.sleep(0.01)
+        # The leader is gone: like a service's main process (systemd) or a container's init, its end ends the job.
+        if not await kill_group(self.group):
+            log.error("job %s: processes survived SIGKILL for %.0f s", self.id, KILL_TIMEOUT)
+        exit_info = ExitInfo.from_wait_status(status)
+        oom_kills = self.group.oom_kills()
+        if oom_kills == 0 and exit_info.signal == signal.SIGKILL:
+            await asyncio.sleep(0.005)  # the kernel signals just before it counts the kill
+            oom_kills = self.group.oom_kills()
+        self.usage = self.group.usage()
+        if not await destroy_group(self.group):
+            log.error("job %s: its groups could not be removed", self.id)
+        await self._finish_output()
+        self.exit = exit_info
+        self.oom_killed = oom_kills > 0
+        self.ended_at = self._clock()
+        if self._stop_reason is not None:
+            self.reason = self._stop_reason
+            self._transition(JobStatus.STOPPED)
+        else:
+            self.reason = "oom" if self.oom_killed else None
+            self._transition(JobStatus.FINISHED)
+        # Status, log end and the ended event change together: a reader that sees the stream end sees the status.
+        self.output.close()
+        self._ended.set()
+
+    async def stop(self, grace: float, reason: str = "stopped by owner") -> JobRecord:
+        """SIGTERM the whole job, SIGKILL what is left after grace; returns once nothing of it is left."""
+        if not self.ended and self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace, reason))
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+        await self._ended.wait()
+        return self.record()
+
+    async def _stop(self, grace: float, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop_reason = reason
+        self._stop_deadline = loop.time() + max(grace, 0.0)
+        if grace > 0:
+            _signal_all(self.group, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ended.wait()), grace)
+        if not self._ended.is_set():
+            await kill_group(self.group)
+        await self._ended.wait()

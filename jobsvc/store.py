@@ -1,0 +1,103 @@
+"""Job records on disk, one JSON file per job, written atomically (temp file, fsync, rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jobsvc.model import JobRecord, Limits, Usage, parse_time
+from jobsvc.states import JobStatus
+
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def record_to_json(record: JobRecord) -> dict[str, Any]:
+    d = record.to_dict()
+    d["format"] = FORMAT_VERSION
+    d["argv"] = [os.fsdecode(a) for a in record.command]  # lossless (surrogateescape), unlike "command"
+    return d
+
+
+def record_from_json(d: dict[str, Any]) -> JobRecord:
+    started = parse_time(d["started_at"])
+    assert started is not None
+    return JobRecord(
+        id=d["id"],
+        owner=d["owner"],
+        command=tuple(os.fsencode(a) for a in d["argv"]),
+        status=JobStatus(d["status"]),
+        started_at=started,
+        limits=Limits.from_dict(d.get("limits") or {}),
+        pid=d.get("pid"),
+        reason=d.get("reason"),
+        exit_code=d.get("exit_code"),
+        signal=d.get("signal"),
+        oom_killed=bool(d.get("oom_killed")),
+        ended_at=parse_time(d.get("ended_at")),
+        usage=Usage.from_dict(d.get("usage")),
+        output_bytes=int(d.get("output_bytes") or 0),
+    )
+
+
+class JobStore:
+    """The state dir: <dir>/instance, <dir>/jobs/<id>/{record.json, output/}."""
+
+    def __init__(self, state_dir: Path, durable: bool = True) -> None:
+        self.root = state_dir
+        self.durable = durable
+        self.jobs_dir = state_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def instance_id(self) -> str:
+        """This state dir's instance id (made once), naming its cgroup subtree."""
+        path = self.root / "instance"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            ident = uuid.uuid4().hex[:12]
+            _atomic_write(path, ident.encode() + b"\n", self.durable)
+            return ident
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def output_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "output"
+
+    def save(self, record: JobRecord) -> None:
+        d = self.job_dir(record.id)
+        d.mkdir(exist_ok=True, mode=0o700)
+        _atomic_write(d / "record.json", json.dumps(record_to_json(record)).encode(), self.durable)
+
+    def load(self, job_id: str) -> JobRecord:
+        return record_from_json(json.loads((self.job_dir(job_id) / "record.json").read_bytes()))
+
+    def remove(self, job_id: str) -> None:
+        d = self.job_dir(job_id)
+        for sub in sorted(d.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(FileNotFoundError):
+                sub.rmdir() if sub.is_dir() and not sub.is_symlink() else sub.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            d.rmdir()

@@ -1,0 +1,188 @@
+"""The engine on the real kernel: groups from the first instruction, whole-tree stop, complete output."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from jobsvc.errors import InvalidArgumentError, NotFoundError
+from jobsvc.manager import EngineConfig, JobManager
+from jobsvc.output import STDERR, STDOUT
+from jobsvc.states import JobStatus
+from tests.system.conftest import job_group_dirs, processes_in_cgroup_named
+
+JobManagerT = JobManager
+
+
+async def read_all(engine: JobManager, owner: str, job_id: str, from_offset: int = 0) -> dict[int, bytes]:
+    parts: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
+    async for chunk in engine.stream(owner, job_id, from_offset):
+        parts[chunk.fd].append(chunk.data)
+    return {fd: b"".join(p) for fd, p in parts.items()}
+
+
+async def test_first_instruction_runs_inside_every_group(engine: JobManager) -> None:
+    # cat's very first work is reading /proc/self/cgroup: it must already name the job's groups.
+    rec = await engine.start("alice", ["cat", "/proc/self/cgroup"])
+    out = (await read_all(engine, "alice", rec.id))[STDOUT].decode()
+    lines = {}
+    for line in out.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            lines[c] = path
+    for c in ("cpu", "cpuacct", "memory", "blkio", "pids", "freezer"):
+        assert lines[c].endswith(f"/jobsvc/{engine.instance_groups[0].name}/{rec.id}"), (c, out)
+    assert (await engine.wait("alice", rec.id)).exit_code == 0
+
+
+async def test_stop_kills_the_whole_tree_and_removes_the_groups(engine: JobManager) -> None:
+    rec = await engine.start("alice", ["sh", "-c", "sleep 1000 & sleep 1000 & (sleep 1000 & wait) & wait"])
+    for _ in range(200):  # until the tree is built: sh, 3 sleeps, a subshell
+        if len(processes_in_cgroup_named(rec.id)) >= 5:
+            break
+        await asyncio.sleep(0.01)
+    assert len(processes_in_cgroup_named(rec.id)) >= 5
+    assert all(d.exists() for d in job_group_dirs(engine, rec.id))
+    stopped = await engine.stop("alice", rec.id, grace=2.0)
+    assert stopped.status is JobStatus.STOPPED
+    assert stopped.reason == "stopped by owner"
+    assert stopped.signal == signal.SIGTERM and stopped.exit_code is None
+    assert processes_in_cgroup_named(rec.id) == []
+    assert not any(d.exists() for d in job_group_dirs(engine, rec.id))
+    # stopping an ended job returns its record unchanged
+    assert await engine.stop("alice", rec.id) == stopped
+
+
+async def test_stop_escalates_to_sigkill_after_grace(engine: JobManager) -> None:
+    rec = await engine.start("alice", ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"])
+    async for _ in engine.stream("alice", rec.id):
+        break  # the trap is set
+    stopped = await engine.stop("alice", rec.id, grace=0.3)
+    assert stopped.signal == signal.SIGKILL
+    assert processes_in_cgroup_named(rec.id) == []
+
+
+async def test_exit_codes_and_signals_are_reported(engine: JobManager) -> None:
+    seven = await engine.start("alice", ["sh", "-c", "exit 7"])
+    killed = await engine.start("alice", ["sh", "-c", "kill -TERM $$"])
+    r7 = await engine.wait("alice", seven.id)
+    rk = await engine.wait("alice", killed.id)
+    assert (r7.status, r7.exit_code, r7.signal, r7.reason) == (JobStatus.FINISHED, 7, None, None)
+    assert (rk.status, rk.exit_code, rk.signal) == (JobStatus.FINISHED, None, signal.SIGTERM)
+    assert r7.ended_at is not None and r7.ended_at >= r7.started_at
+    assert not any(d.exists() for d in job_group_dirs(engine, seven.id))
+
+
+async def test_exec_failures_fail_start_naming_the_cause(engine: JobManager, tmp_path: Path) -> None:
+    not_exec = tmp_path / "script.sh"
+    not_exec.write_text("#!/bin/sh\necho hi\n")
+    before = sorted(p.name for p in engine.instance_groups[0].iterdir() if p.is_dir())
+    with pytest.raises(InvalidArgumentError, match="No such file or directory"):
+        await engine.start("alice", ["/no/such/program"])
+    with pytest.raises(InvalidArgumentError, match="No such file or directory"):
+        await engine.start("alice", ["no-such-command-anywhere"])
+    with pytest.raises(InvalidArgumentError, match="Permission denied"):
+        await engine.start("alice", [str(not_exec)])
+    with pytest.raises(InvalidArgumentError, match="Permission denied"):
+        await engine.start("alice", [str(tmp_path)])  # a directory
+    for bad in ([], [""], ["echo", "a\0b"]):
+        with pytest.raises(InvalidArgumentError):
+            await engine.start("alice", bad)
+    assert sorted(p.name for p in engine.instance_groups[0].iterdir() if p.is_dir()) == before
+    assert engine.list("alice") == []
+
+
+async def test_twenty_live_readers_and_a_late_one_get_identical_bytes(engine: JobManager, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    rec = await engine.start("alice", ["sh", "-c", f"head -c 20M /dev/urandom | tee {copy}"])
+    results = await asyncio.gather(*(read_all(engine, "alice", rec.id) for _ in range(20)))
+    expected = hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert copy.stat().st_size == 20 << 20
+    for r in results:
+        assert hashlib.sha256(r[STDOUT]).hexdigest() == expected
+        assert r[STDERR] == b""
+    late = await read_all(engine, "alice", rec.id)
+    assert hashlib.sha256(late[STDOUT]).hexdigest() == expected
+    # resuming from an offset gives exactly the rest
+    rest = await read_all(engine, "alice", rec.id, from_offset=12345)
+    assert rest[STDOUT] == copy.read_bytes()[12345:]
+
+
+async def test_stdout_and_stderr_are_told_apart_and_ordered(engine: JobManager) -> None:
+    script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done"
+    rec = await engine.start("alice", ["sh", "-c", script])
+    out = await read_all(engine, "alice", rec.id)
+    assert out[STDOUT] == b"".join(b"out%d\n" % i for i in range(1, 6))
+    assert out[STDERR] == b"".join(b"err%d\n" % i for i in range(1, 6))
+
+
+async def test_binary_output_early_close_and_children_holding_the_pipe(engine: JobManager) -> None:
+    binary = await engine.start("alice", ["printf", "\\000\\377\\001"])
+    closes = await engine.start("alice", ["sh", "-c", "exec >&-; sleep 0.3; echo bye >&2"])
+    orphans = await engine.start("alice", ["sh", "-c", "sleep 1000 & sleep 1000 & echo started"])
+    assert (await read_all(engine, "alice", binary.id))[STDOUT] == b"\x00\xff\x01"
+    assert (await read_all(engine, "alice", closes.id)) == {STDOUT: b"", STDERR: b"bye\n"}
+    out = await asyncio.wait_for(read_all(engine, "alice", orphans.id), 10)
+    assert out[STDOUT] == b"started\n"
+    rec = await engine.wait("alice", orphans.id)
+    assert rec.status is JobStatus.FINISHED and rec.exit_code == 0
+    assert processes_in_cgroup_named(orphans.id) == []  # the leader's end ended its children too
+    assert not any(d.exists() for d in job_group_dirs(engine, orphans.id))
+
+
+async def test_owners_see_only_their_own_jobs(engine: JobManager) -> None:
+    rec = await engine.start("CN=bob", ["sleep", "1000"])
+    with pytest.raises(NotFoundError) as theirs:
+        engine.get("CN=alice", rec.id)
+    with pytest.raises(NotFoundError) as missing:
+        engine.get("CN=alice", "00000000-0000-4000-8000-000000000000")
+    assert str(theirs.value) == str(missing.value)
+    with pytest.raises(NotFoundError):
+        await engine.stop("CN=alice", rec.id)
+    with pytest.raises(NotFoundError):
+        engine.stream("CN=alice", rec.id)
+    assert engine.list("CN=alice") == []
+    assert [r.id for r in engine.list("CN=bob")] == [rec.id]
+    assert engine.get("CN=bob", rec.id[:8]).id == rec.id  # a unique prefix works for the owner
+    assert engine.get("CN=bob", rec.id).status is JobStatus.RUNNING
+
+
+async def test_memory_stays_flat_while_a_job_writes_a_gibibyte(engine: JobManager) -> None:
+    def rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    rec = await engine.start("alice", ["head", "-c", "1G", "/dev/zero"])
+    peak, total = rss(), 0
+    async for chunk in engine.stream("alice", rec.id):
+        total += len(chunk.data)
+        if total % (32 << 20) < len(chunk.data):
+            peak = max(peak, rss())
+    peak = max(peak, rss())
+    assert total == 1 << 30
+    assert (await engine.wait("alice", rec.id)).output_bytes == 1 << 30
+    assert peak < 150 << 20, f"RSS reached {peak >> 20} MiB"
+
+
+async def test_two_engines_on_one_host_do_not_touch_each_other(engine: JobManager, tmp_path: Path) -> None:
+    other = JobManager.open(EngineConfig(state_dir=tmp_path / "other-state"))
+    try:
+        assert set(engine.instance_groups).isdisjoint(other.instance_groups)
+        mine = await engine.start("alice", ["sleep", "1000"])
+        theirs = await other.start("alice", ["sleep", "1000"])
+        with pytest.raises(NotFoundError):
+            other.get("alice", mine.id)
+        await other.shutdown(grace=0.5)
+        assert processes_in_cgroup_named(theirs.id) == []
+        assert engine.get("alice", mine.id).status is JobStatus.RUNNING
+        assert processes_in_cgroup_named(mine.id) != []
+    finally:
+        await other.shutdown(grace=0.5)
+    assert os.path.isdir(job_group_dirs(engine, mine.id)[0])

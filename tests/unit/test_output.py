@@ -1,0 +1,167 @@
+"""OutputLog: one writer, many readers, by offset, through real files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from jobsvc.output import CHUNK_SIZE, STDERR, STDOUT, Chunk, OutputLog
+
+
+async def collect(log: OutputLog, from_offset: int = 0) -> list[Chunk]:
+    return [c async for c in log.follow(from_offset)]
+
+
+def joined(chunks: list[Chunk], fd: int | None = None) -> bytes:
+    return b"".join(c.data for c in chunks if fd is None or c.fd == fd)
+
+
+async def test_hundred_concurrent_readers_get_identical_bytes(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=1 << 20)  # small segments: reads cross many boundaries
+    readers = [asyncio.create_task(collect(log)) for _ in range(100)]
+    digest = hashlib.sha256()
+    for i in range(200):
+        data = os.urandom(7919 + i)
+        digest.update(data)
+        log.append(STDOUT, data)
+        log.notify()
+        if i % 10 == 0:
+            await asyncio.sleep(0)  # let readers catch up mid-stream and wait live
+    log.close()
+    results = await asyncio.gather(*readers)
+    for chunks in results:
+        assert hashlib.sha256(joined(chunks)).hexdigest() == digest.hexdigest()
+        offsets = [c.offset for c in chunks]
+        assert offsets == sorted(offsets)
+        assert all(len(c.data) <= CHUNK_SIZE for c in chunks)
+
+
+async def test_chunks_carry_their_offsets_and_streams(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=64)
+    log.append(STDOUT, b"a" * 100)
+    log.append(STDERR, b"b" * 30)
+    log.append(STDERR, b"c" * 5)
+    log.append(STDOUT, b"d" * 70)
+    log.close()
+    chunks = await collect(log)
+    assert joined(chunks, STDOUT) == b"a" * 100 + b"d" * 70
+    assert joined(chunks, STDERR) == b"b" * 30 + b"c" * 5
+    pos = 0
+    for c in chunks:
+        assert c.offset == pos
+        pos += len(c.data)
+    assert pos == 205 == log.size
+
+
+@pytest.mark.parametrize("offset", [0, 1, 63, 64, 99, 100, 129, 130, 205])
+async def test_reader_from_an_offset_gets_exactly_the_rest(tmp_path: Path, offset: int) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=64)
+    data = bytes(range(256)) * 2
+    log.append(STDOUT, data[:100])
+    log.append(STDERR, data[100:130])
+    log.append(STDOUT, data[130:205])
+    log.close()
+    chunks = await collect(log, offset)
+    assert joined(chunks) == data[offset:205]
+    if chunks:
+        assert chunks[0].offset == offset
+    stderr_part = joined(chunks, STDERR)
+    assert stderr_part == data[max(offset, 100) : 130] if offset < 130 else stderr_part == b""
+
+
+async def test_reader_started_after_close_gets_everything(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out")
+    log.append(STDOUT, b"hello ")
+    log.append(STDOUT, b"world")
+    log.notify()
+    log.close()
+    assert joined(await collect(log)) == b"hello world"
+
+
+async def test_live_reader_is_woken_by_notify_without_polling(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out")
+    it = log.follow(0).__aiter__()
+    pending = asyncio.ensure_future(it.__anext__())
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # nothing written: the reader waits
+    log.append(STDOUT, b"x")
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # written but not yet announced
+    log.notify()
+    chunk = await asyncio.wait_for(pending, 1)
+    assert chunk == Chunk(0, STDOUT, b"x")
+    log.close()
+    with pytest.raises(StopAsyncIteration):
+        await it.__anext__()
+
+
+async def test_stalled_reader_does_not_slow_the_writer_or_other_readers(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=1 << 20)
+    stalled = log.follow(0).__aiter__()
+    first = await asyncio.wait_for(asyncio.ensure_future(_first_after_write(log, stalled)), 1)
+    assert first.offset == 0
+    # The stalled reader now holds an offset and never reads again; the writer goes on.
+    block = os.urandom(64 * 1024)
+    fast = asyncio.create_task(collect(log))
+    for i in range(256):  # 16 MiB, letting the fast reader run between appends
+        log.append(STDOUT, block)
+        log.notify()
+        if i % 16 == 0:
+            await asyncio.sleep(0)
+    log.close()
+    fast_chunks = await asyncio.wait_for(fast, 30)
+    assert sum(len(c.data) for c in fast_chunks) == log.size == 256 * len(block) + 1
+    # The stalled reader held nothing but its offset; when it wakes it resumes exactly where it stopped.
+    rest = [c async for c in stalled]
+    assert rest[0].offset == 1
+    assert b"".join(c.data for c in rest) == block * 256
+
+
+async def _first_after_write(log: OutputLog, it: object) -> Chunk:
+    log.append(STDOUT, b"!")
+    log.notify()
+    return await it.__anext__()  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_cancelling_one_waiting_reader_leaves_the_others_waiting(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out")
+    a = asyncio.create_task(collect(log))
+    b = asyncio.create_task(collect(log))
+    await asyncio.sleep(0.01)
+    a.cancel()
+    await asyncio.sleep(0.01)
+    log.append(STDOUT, b"still here")
+    log.notify()
+    log.close()
+    assert joined(await asyncio.wait_for(b, 1)) == b"still here"
+    with pytest.raises(asyncio.CancelledError):
+        await a
+
+
+async def test_splice_from_a_pipe(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=1000)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    payload = os.urandom(2500)
+    os.write(w, payload)
+    os.close(w)
+    total = 0
+    while True:
+        n = log.splice_from(STDERR, r, 4096)
+        if n == 0:
+            break
+        total += n
+    os.close(r)
+    log.close()
+    chunks = await collect(log)
+    assert total == 2500
+    assert joined(chunks, STDERR) == payload
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.seg")) == [
+        "000000000000.seg",
+        "000000000001.seg",
+        "000000000002.seg",
+    ]
