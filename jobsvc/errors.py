@@ -30,3 +30,7 @@ class ResourceExhaustedError(JobError):
 def not_found() -> NotFoundError:
     """The one NotFound error: it names nothing, so another owner's job and a missing one read the same."""
     return NotFoundError("no such job")
+
+
+class UnavailableError(JobError):
+    """The server cannot take this call now (it is shutting down)."""

@@ -157,3 +157,14 @@ def merge_io(entries: list[tuple[str, str, int]]) -> tuple[IoLimit, ...]:
             raise InvalidArgumentError(f"io {name} for {dev} given twice")
         fields[name] = value
     return tuple(IoLimit(device=dev, **fields) for dev, fields in by_dev.items())
+
+
+def resolve_devices(limits: Limits) -> Limits:
+    """Each io entry's device (path or MAJ:MIN) as MAJ:MIN of its whole disk."""
+    if not limits.io:
+        return limits
+    if len(limits.io) > MAX_IO_DEVICES:
+        raise InvalidArgumentError(f"io: {len(limits.io)} devices given, at most {MAX_IO_DEVICES} allowed")
+    return dataclasses.replace(
+        limits, io=tuple(dataclasses.replace(io, device=resolve_device(io.device)) for io in limits.io)
+    )

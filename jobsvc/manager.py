@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobsvc.cgroups.base import CgroupDriver, detect
-from jobsvc.errors import InvalidArgumentError, not_found
+from jobsvc.errors import InvalidArgumentError, UnavailableError, not_found
 from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
-from jobsvc.limits import LimitPolicy, validate
+from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog
 from jobsvc.spawn import SpawnError, Spawner, SpawnRequest
@@ -126,9 +126,9 @@ class JobManager:
     async def start(self, owner: str, argv: Iterable[bytes | str], limits: Limits | None = None) -> JobRecord:
         """Start argv (no shell) in fresh groups with limits; fails with InvalidArgumentError if it cannot exec."""
         if self._closed:
-            raise RuntimeError("the job manager is shut down")
+            raise UnavailableError("the server is shutting down")
         args = check_argv(argv, self.config.max_argv_bytes, self.config.max_argc)
-        limits = validate(limits or Limits(), self.config.policy)
+        limits = validate(resolve_devices(limits or Limits()), self.config.policy)
         job_id = str(uuid.uuid4())
         group = self._driver.create(job_id, limits)
         out_r = out_w = err_r = err_w = -1

@@ -1,0 +1,119 @@
+"""The `jobsvc` console script: `jobsvc serve` and `jobsvc pki init`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from jobsvc.errors import InvalidArgumentError
+from jobsvc.limits import LimitPolicy, parse_cpu, parse_size
+from jobsvc.model import Limits
+
+
+class _Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value), param.name if param and param.name else "size")
+        except InvalidArgumentError as e:
+            self.fail(e.message, param, ctx)
+
+
+class _Cpu(click.ParamType):
+    name = "cpus"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            cpu = parse_cpu(str(value))
+        except InvalidArgumentError as e:
+            self.fail(e.message, param, ctx)
+        if not cpu > 0:
+            self.fail("must be a positive number of CPUs", param, ctx)
+        return cpu
+
+
+SIZE, CPUS = _Size(), _Cpu()
+FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jobsvc")
+def main() -> None:
+    """jobsvc: run commands on this host inside cgroup limits, over a mutual-TLS gRPC API."""
+
+
+@main.command()
+@click.option("--listen", envvar="JOBSVC_LISTEN", default="127.0.0.1:50051", show_default=True,
+              help="HOST:PORT to serve on (port 0 picks a free one).")
+@click.option("--state-dir", envvar="JOBSVC_STATE_DIR", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Job records and output live here.")
+@click.option("--ca-cert", envvar="JOBSVC_CA_CERT", required=True, type=FILE, help="CA that signs client certs.")
+@click.option("--server-cert", envvar="JOBSVC_SERVER_CERT", required=True, type=FILE)
+@click.option("--server-key", envvar="JOBSVC_SERVER_KEY", required=True, type=FILE)
+@click.option("--grace", envvar="JOBSVC_GRACE", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds between SIGTERM and SIGKILL when a job is stopped.")
+@click.option("--max-argv-bytes", default=128 * 1024, show_default=True, type=SIZE,
+              help="Largest command (all argv bytes) a Start may send.")
+@click.option("--default-cpu", type=CPUS, help="CPU limit for jobs that set none.")
+@click.option("--default-memory", type=SIZE, help="Memory limit for jobs that set none (e.g. 512M).")
+@click.option("--default-pids", type=click.IntRange(1), help="Process limit for jobs that set none.")
+@click.option("--max-cpu", type=CPUS, help="Largest CPU limit a job may ask for.")
+@click.option("--max-memory", type=SIZE, help="Largest memory limit a job may ask for.")
+@click.option("--max-pids", type=click.IntRange(1), help="Largest process limit a job may ask for.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def serve(
+    listen: str, state_dir: Path, ca_cert: Path, server_cert: Path, server_key: Path, grace: float,
+    max_argv_bytes: int, default_cpu: float | None, default_memory: int | None, default_pids: int | None,
+    max_cpu: float | None, max_memory: int | None, max_pids: int | None, log_level: str,
+) -> None:
+    """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
+    import jobsvc.server  # noqa: F401 - sets the TLS cipher policy before grpc is imported
+    from jobsvc.cgroups.base import CgroupSetupError
+    from jobsvc.server.app import ListenError, ServerConfig, configure_logging, run
+    from jobsvc.server.tls import CredentialsError
+
+    configure_logging(log_level)
+    policy = LimitPolicy(
+        defaults=Limits(cpu=default_cpu, memory_bytes=default_memory, pids=default_pids),
+        maxima=Limits(cpu=max_cpu, memory_bytes=max_memory, pids=max_pids),
+    )
+    config = ServerConfig(
+        state_dir=state_dir, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key, listen=listen,
+        grace=grace, max_argv_bytes=max_argv_bytes, policy=policy,
+    )
+    try:
+        code = run(config)
+    except (CgroupSetupError, ListenError, CredentialsError, PermissionError) as e:
+        click.echo(f"jobsvc: {e}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.group()
+def pki() -> None:
+    """A development PKI: a CA, a server certificate, one client certificate per user."""
+
+
+@pki.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--user", "users", multiple=True, required=True, help="A user to make a client certificate for.")
+def pki_init(directory: Path, users: tuple[str, ...]) -> None:
+    """Write ca.pem, server.pem and USER.pem (with -key.pem files, mode 0600) into DIRECTORY."""
+    from jobsvc import pki as dev_pki
+
+    try:
+        written = dev_pki.init(directory, list(users))
+    except (FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    for path in written:
+        click.echo(path)
+
+
+if __name__ == "__main__":
+    main()

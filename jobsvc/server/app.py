@@ -1,0 +1,133 @@
+"""ServerConfig, build_server() and serve(): the jobsvc process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jobsvc._pb import jobs_pb2 as pb
+from jobsvc._pb import jobs_pb2_grpc as pb_grpc
+from jobsvc.limits import LimitPolicy
+from jobsvc.manager import EngineConfig, JobManager
+from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
+from jobsvc.server.servicer import JobServicer
+from jobsvc.server.tls import server_credentials
+
+log = logging.getLogger("jobsvc.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `jobsvc serve` takes; building one does no I/O."""
+
+    state_dir: Path
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    listen: str = "127.0.0.1:50051"
+    grace: float = 5.0
+    max_argv_bytes: int = 128 * 1024
+    policy: LimitPolicy = field(default_factory=LimitPolicy)
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(
+            state_dir=self.state_dir, policy=self.policy, default_grace=self.grace,
+            max_argv_bytes=self.max_argv_bytes,
+        )
+
+
+class ListenError(RuntimeError):
+    pass
+
+
+async def build_server(config: ServerConfig, manager: JobManager) -> tuple[aio.Server, int]:
+    """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port)."""
+    # The request cap sits above the argv cap, so an oversized argv reaches the engine and gets INVALID_ARGUMENT.
+    max_request = max(4 << 20, 2 * config.max_argv_bytes + (64 << 10))
+    server = aio.server(
+        interceptors=[ErrorInterceptor(), IdentityInterceptor()],
+        options=[
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ("grpc.max_receive_message_length", max_request),
+            ("grpc.max_send_message_length", 4 << 20),
+        ],
+    )
+    pb_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    creds = server_credentials(config.ca_cert, config.server_cert, config.server_key)
+    try:
+        port = server.add_secure_port(config.listen, creds)
+    except RuntimeError as e:
+        raise ListenError(f"cannot listen on {config.listen}: {e}") from None
+    if not port:
+        raise ListenError(f"cannot listen on {config.listen}")
+    return server, port
+
+
+def raise_fd_limit() -> int:
+    """Streams and jobs each hold descriptors: raise the soft open-file limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
+    raise_fd_limit()
+    manager = JobManager.open(config.engine())
+    try:
+        server, port = await build_server(config, manager)
+    except BaseException:
+        await manager.shutdown(grace=0)
+        raise
+    await server.start()
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("listening on %s:%d (state in %s)", host, port, config.state_dir)
+    print(f"jobsvc listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: stopping running jobs (grace %.1f s)", config.grace)
+    # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
+    await manager.shutdown()
+    await server.stop(grace=1.0)
+    log.info("stopped")
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(serve(config))
+    return 130
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    # grpc's own cancellation noise is not ours to log at INFO
+    logging.getLogger("grpc").setLevel(logging.WARNING)

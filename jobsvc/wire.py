@@ -1,0 +1,96 @@
+"""Proto <-> model translation, shared by the server's servicer and jobctl's client (no grpc import here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from jobsvc._pb import jobs_pb2 as pb
+from jobsvc.model import IoLimit, JobRecord, Limits, Usage
+from jobsvc.states import JobStatus
+
+_STATUS_TO_PB = {
+    JobStatus.RUNNING: pb.JOB_STATUS_RUNNING,
+    JobStatus.STOPPED: pb.JOB_STATUS_STOPPED,
+    JobStatus.FINISHED: pb.JOB_STATUS_FINISHED,
+}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_IO_FIELDS = ("read_bps", "write_bps", "read_iops", "write_iops")
+_USAGE_FIELDS = ("cpu_seconds", "cpu_throttled_periods", "memory_peak_bytes", "io_read_bytes", "io_write_bytes")
+
+
+def _ts(t: dt.datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def _opt(msg: object, name: str) -> object | None:
+    return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    out = pb.Limits(io=[pb.IoLimit(device=io.device, **{f: getattr(io, f) for f in _IO_FIELDS
+                                                          if getattr(io, f) is not None}) for io in limits.io])
+    if limits.cpu is not None:
+        out.cpu = limits.cpu
+    if limits.memory_bytes is not None:
+        out.memory_bytes = limits.memory_bytes
+    if limits.pids is not None:
+        out.pids = limits.pids
+    return out
+
+
+def limits_from_pb(msg: pb.Limits) -> Limits:
+    return Limits(
+        cpu=_opt(msg, "cpu"),  # type: ignore[arg-type]
+        memory_bytes=_opt(msg, "memory_bytes"),  # type: ignore[arg-type]
+        pids=_opt(msg, "pids"),  # type: ignore[arg-type]
+        io=tuple(IoLimit(device=io.device, **{f: _opt(io, f) for f in _IO_FIELDS}) for io in msg.io),  # type: ignore[arg-type]
+    )
+
+
+def job_to_pb(r: JobRecord) -> pb.Job:
+    usage = pb.Usage(**{f: getattr(r.usage, f) for f in _USAGE_FIELDS if getattr(r.usage, f) is not None})
+    msg = pb.Job(
+        id=r.id,
+        owner=r.owner,
+        command=list(r.command),
+        status=_STATUS_TO_PB[r.status],
+        oom_killed=r.oom_killed,
+        started_at=_ts(r.started_at),
+        limits=limits_to_pb(r.limits),
+        usage=usage,
+        output_bytes=r.output_bytes,
+    )
+    if r.reason is not None:
+        msg.reason = r.reason
+    if r.exit_code is not None:
+        msg.exit_code = r.exit_code
+    if r.signal is not None:
+        msg.signal = r.signal
+    if r.ended_at is not None:
+        msg.ended_at.CopyFrom(_ts(r.ended_at))
+    if r.pid is not None:
+        msg.pid = r.pid
+    return msg
+
+
+def job_from_pb(msg: pb.Job) -> JobRecord:
+    return JobRecord(
+        id=msg.id,
+        owner=msg.owner,
+        command=tuple(msg.command),
+        status=_STATUS_FROM_PB[msg.status],
+        started_at=msg.started_at.ToDatetime(dt.UTC),
+        limits=limits_from_pb(msg.limits),
+        pid=_opt(msg, "pid"),  # type: ignore[arg-type]
+        reason=_opt(msg, "reason"),  # type: ignore[arg-type]
+        exit_code=_opt(msg, "exit_code"),  # type: ignore[arg-type]
+        signal=_opt(msg, "signal"),  # type: ignore[arg-type]
+        oom_killed=msg.oom_killed,
+        ended_at=msg.ended_at.ToDatetime(dt.UTC) if msg.HasField("ended_at") else None,
+        usage=Usage(**{f: _opt(msg.usage, f) for f in _USAGE_FIELDS}),  # type: ignore[arg-type]
+        output_bytes=msg.output_bytes,
+    )
