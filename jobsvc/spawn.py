@@ -68,13 +68,27 @@ class Spawner:
         for s in (parent, child):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_MESSAGE)
+        # -S skips site processing (faster, smaller); the path to this package is handed over explicitly, which
+        # also covers editable installs whose finder lives in a .pth file.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join([package_root, *(p for p in sys.path if p)])
         proc = subprocess.Popen(
             [sys.executable, "-S", "-m", "jobsvc.spawn", str(child.fileno()), str(os.getpid())],
             pass_fds=[child.fileno()],
             stdin=subprocess.DEVNULL,
-            env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            env={"PYTHONPATH": path},
         )
         child.close()
+        parent.settimeout(30)
+        try:
+            hello = json.loads(parent.recv(MAX_MESSAGE) or b"{}")
+        except (OSError, ValueError):
+            hello = {}
+        if hello.get("ready") != proc.pid:
+            proc.kill()
+            proc.wait()
+            parent.close()
+            raise RuntimeError("the spawn helper did not start (see its message above)")
         parent.setblocking(False)
         return cls(proc, parent)
 
@@ -297,6 +311,7 @@ def helper_main(sock_fd: int, server_pid: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     leaders: set[int] = set()
+    sock.sendall(json.dumps({"ready": os.getpid()}).encode())
     while True:
         try:
             ready, _, _ = select.select([sock, wake_r], [], [])

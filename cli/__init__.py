@@ -1,0 +1,1 @@
+"""jobctl: the command-line client of jobsvc (installed under the import name jobctl)."""

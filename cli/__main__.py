@@ -1,0 +1,3 @@
+from jobctl.main import main
+
+main()

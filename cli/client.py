@@ -1,0 +1,140 @@
+"""JobClient: one mTLS channel to jobsvc; returns model objects and turns gRPC failures into one-line errors.
+
+grpc and the generated stubs are imported when a client is made, not when jobctl starts, so `jobctl --help` and
+usage errors stay fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobsvc.model import JobRecord, Limits
+
+if TYPE_CHECKING:
+    import grpc
+
+
+class ClientError(Exception):
+    """A failed operation, with a message fit for one line on stderr."""
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: int  # 1 stdout, 2 stderr
+    offset: int
+    data: bytes
+
+
+def _read(path: Path, what: str, hint: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ClientError(f"{what} {path}: {e.strerror} (set {hint})") from None
+
+
+class JobClient:
+    def __init__(self, target: str, ca_cert: Path, client_cert: Path, client_key: Path,
+                 timeout: float | None = 10.0) -> None:
+        ca = _read(ca_cert, "CA certificate", "--ca-cert or JOBCTL_CA_CERT")
+        cert = _read(client_cert, "client certificate", "--client-cert or JOBCTL_CLIENT_CERT")
+        key = _read(client_key, "client key", "--client-key or JOBCTL_CLIENT_KEY")
+        import grpc
+
+        from jobsvc._pb import jobs_pb2, jobs_pb2_grpc
+
+        self._grpc = grpc
+        self._pb = jobs_pb2
+        self.target = target
+        self.timeout = timeout
+        try:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        except Exception as e:  # noqa: BLE001 - grpc raises plain errors for bad PEM input
+            raise ClientError(f"bad certificate or key: {e}") from None
+        self._channel = grpc.secure_channel(target, creds)
+        self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> JobClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any, timeout: float | None = -1.0) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout if timeout == -1.0 else timeout)
+        except self._grpc.RpcError as e:
+            raise self._error(e, getattr(request, "id", None)) from None
+
+    def _error(self, e: grpc.RpcError, job_id: str | None = None) -> ClientError:
+        code = e.code()  # type: ignore[attr-defined]
+        details = e.details() or code.name  # type: ignore[attr-defined]
+        sc = self._grpc.StatusCode
+        if code == sc.UNAVAILABLE:
+            lowered = details.lower()
+            if "handshake" in lowered or "ssl" in lowered or "tls" in lowered or "certificate" in lowered:
+                return ClientError(f"TLS handshake with {self.target} failed (check the certificates)")
+            if "socket closed" in lowered or "connection reset" in lowered:
+                return ClientError(f"jobsvc at {self.target} closed the connection during the TLS handshake "
+                                   "(is your client certificate signed by the server's CA, and still valid?)")
+            return ClientError(f"cannot reach jobsvc at {self.target} ({_short(details)})")
+        if code == sc.NOT_FOUND and job_id:
+            return ClientError(f"{details}: {job_id}")
+        if code == sc.DEADLINE_EXCEEDED:
+            return ClientError(f"jobsvc at {self.target} did not answer within {self.timeout:g} s")
+        if code == sc.UNAUTHENTICATED:
+            return ClientError(f"not authenticated: {details}")
+        return ClientError(details)
+
+    def start(self, argv: list[bytes], limits: Limits) -> JobRecord:
+        from jobsvc.wire import job_from_pb, limits_to_pb
+
+        return job_from_pb(self._call("Start", self._pb.StartRequest(argv=argv, limits=limits_to_pb(limits))))
+
+    def get(self, job_id: str) -> JobRecord:
+        from jobsvc.wire import job_from_pb
+
+        return job_from_pb(self._call("Get", self._pb.GetRequest(id=job_id)))
+
+    def stop(self, job_id: str, grace: float | None = None) -> JobRecord:
+        from jobsvc.wire import job_from_pb
+
+        req = self._pb.StopRequest(id=job_id)
+        if grace is not None:
+            req.grace_seconds = grace
+        wait = None if self.timeout is None else self.timeout + (grace if grace is not None else 3600)
+        return job_from_pb(self._call("Stop", req, timeout=wait))
+
+    def wait(self, job_id: str) -> JobRecord:
+        from jobsvc.wire import job_from_pb
+
+        return job_from_pb(self._call("Wait", self._pb.GetRequest(id=job_id), timeout=None))
+
+    def list(self) -> list[JobRecord]:
+        from jobsvc.wire import job_from_pb
+
+        return [job_from_pb(j) for j in self._call("List", self._pb.ListRequest()).jobs]
+
+    def stream(self, job_id: str, from_offset: int = 0) -> Iterator[Output]:
+        """The job's output from from_offset until it has ended; close the iterator to stop watching."""
+        call = self._stub.Stream(self._pb.StreamRequest(id=job_id, from_offset=from_offset))
+        try:
+            for msg in call:
+                yield Output(stream=msg.stream, offset=msg.offset, data=msg.data)
+        except self._grpc.RpcError as e:
+            if e.code() == self._grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                return
+            raise self._error(e, job_id) from None
+        finally:
+            call.cancel()
+
+
+def _short(details: str) -> str:
+    # grpc's connection errors are long ("...: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection
+    # refused"); the last clause says what happened
+    return details.rsplit(": ", 1)[-1].strip().rstrip(".")
