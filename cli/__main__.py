@@ -1,3 +1,3 @@
-from jobctl.main import main
+from .main import main
 
 main()

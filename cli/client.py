@@ -36,8 +36,9 @@ def _read(path: Path, what: str, hint: str) -> bytes:
 
 
 class JobClient:
-    def __init__(self, target: str, ca_cert: Path, client_cert: Path, client_key: Path,
-                 timeout: float | None = 10.0) -> None:
+    def __init__(
+        self, target: str, ca_cert: Path, client_cert: Path, client_key: Path, timeout: float | None = 10.0
+    ) -> None:
         ca = _read(ca_cert, "CA certificate", "--ca-cert or JOBCTL_CA_CERT")
         cert = _read(client_cert, "client certificate", "--client-cert or JOBCTL_CLIENT_CERT")
         key = _read(client_key, "client key", "--client-key or JOBCTL_CLIENT_KEY")
@@ -51,7 +52,7 @@ class JobClient:
         self.timeout = timeout
         try:
             creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-        except Exception as e:  # noqa: BLE001 - grpc raises plain errors for bad PEM input
+        except Exception as e:
             raise ClientError(f"bad certificate or key: {e}") from None
         self._channel = grpc.secure_channel(target, creds)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
@@ -72,16 +73,18 @@ class JobClient:
             raise self._error(e, getattr(request, "id", None)) from None
 
     def _error(self, e: grpc.RpcError, job_id: str | None = None) -> ClientError:
-        code = e.code()  # type: ignore[attr-defined]
-        details = e.details() or code.name  # type: ignore[attr-defined]
+        code = e.code()
+        details = e.details() or code.name
         sc = self._grpc.StatusCode
         if code == sc.UNAVAILABLE:
             lowered = details.lower()
             if "handshake" in lowered or "ssl" in lowered or "tls" in lowered or "certificate" in lowered:
                 return ClientError(f"TLS handshake with {self.target} failed (check the certificates)")
             if "socket closed" in lowered or "connection reset" in lowered:
-                return ClientError(f"jobsvc at {self.target} closed the connection during the TLS handshake "
-                                   "(is your client certificate signed by the server's CA, and still valid?)")
+                return ClientError(
+                    f"jobsvc at {self.target} closed the connection during the TLS handshake "
+                    "(is your client certificate signed by the server's CA, and still valid?)"
+                )
             return ClientError(f"cannot reach jobsvc at {self.target} ({_short(details)})")
         if code == sc.NOT_FOUND and job_id:
             return ClientError(f"{details}: {job_id}")
@@ -127,7 +130,7 @@ class JobClient:
             for msg in call:
                 yield Output(stream=msg.stream, offset=msg.offset, data=msg.data)
         except self._grpc.RpcError as e:
-            if e.code() == self._grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            if e.code() == self._grpc.StatusCode.CANCELLED:
                 return
             raise self._error(e, job_id) from None
         finally:

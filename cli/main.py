@@ -33,12 +33,14 @@ def client(ctx: click.Context) -> Any:
     """The JobClient for this invocation (made on first use, closed when the command ends)."""
     obj = ctx.find_root().obj
     if obj.get("client") is None:
-        from jobctl.client import ClientError, JobClient
+        from .client import ClientError, JobClient
 
         factory = obj.get("client_factory")
         try:
-            obj["client"] = factory() if factory else JobClient(
-                obj["target"], obj["ca_cert"], obj["client_cert"], obj["client_key"], obj["timeout"]
+            obj["client"] = (
+                factory()
+                if factory
+                else JobClient(obj["target"], obj["ca_cert"], obj["client_cert"], obj["client_key"], obj["timeout"])
             )
         except ClientError as e:
             raise Fail(str(e)) from None
@@ -48,7 +50,7 @@ def client(ctx: click.Context) -> Any:
 
 def call(fn: Callable[[], Any]) -> Any:
     """Run a client call; its ClientError becomes the one-line failure."""
-    from jobctl.client import ClientError
+    from .client import ClientError
 
     try:
         return fn()
@@ -76,8 +78,12 @@ def _limits(opts: dict[str, Any]) -> Limits:
         except InvalidArgumentError as e:
             raise click.BadParameter(e.message, param_hint="--cpu") from None
     io_entries = []
-    for flag, name, is_rate in (("io_read_bps", "read_bps", True), ("io_write_bps", "write_bps", True),
-                                ("io_read_iops", "read_iops", False), ("io_write_iops", "write_iops", False)):
+    for flag, name, is_rate in (
+        ("io_read_bps", "read_bps", True),
+        ("io_write_bps", "write_bps", True),
+        ("io_read_iops", "read_iops", False),
+        ("io_write_iops", "write_iops", False),
+    ):
         for text in opts[flag]:
             hint = "--" + flag.replace("_", "-")
             try:
@@ -100,7 +106,9 @@ def limit_options(f: F) -> F:
         click.option("--memory", metavar="SIZE", help="Memory limit in bytes, K/M/G suffixes (binary units)."),
         click.option("--pids", type=int, metavar="N", help="At most N processes and threads."),
         click.option("--io-read-bps", multiple=True, metavar="DEV=RATE", help="Read bytes/s for a disk (repeatable)."),
-        click.option("--io-write-bps", multiple=True, metavar="DEV=RATE", help="Write bytes/s for a disk (repeatable)."),
+        click.option(
+            "--io-write-bps", multiple=True, metavar="DEV=RATE", help="Write bytes/s for a disk (repeatable)."
+        ),
         click.option("--io-read-iops", multiple=True, metavar="DEV=N", help="Read operations/s for a disk."),
         click.option("--io-write-iops", multiple=True, metavar="DEV=N", help="Write operations/s for a disk."),
     ]
@@ -116,7 +124,7 @@ def _argv(cmd: tuple[str, ...]) -> list[bytes]:
 
 
 def _print_record(r: JobRecord, as_json: bool) -> None:
-    from jobctl import render
+    from . import render
 
     click.echo(r.to_json() if as_json else render.record_text(r))
 
@@ -129,16 +137,45 @@ id_option = click.option("--id", "job_id", required=True, metavar="ID", help="Jo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--target", envvar="JOBCTL_TARGET", default="127.0.0.1:50051", show_default=True,
-              help="jobsvc address HOST:PORT.")
-@click.option("--ca-cert", envvar="JOBCTL_CA_CERT", type=click.Path(path_type=Path), default=PKI / "ca.pem",
-              show_default=True, help="CA certificate that signed the server's certificate.")
-@click.option("--client-cert", envvar="JOBCTL_CLIENT_CERT", type=click.Path(path_type=Path),
-              default=PKI / "alice.pem", show_default=True, help="Your client certificate.")
-@click.option("--client-key", envvar="JOBCTL_CLIENT_KEY", type=click.Path(path_type=Path),
-              default=PKI / "alice-key.pem", show_default=True, help="Your client key.")
-@click.option("--timeout", envvar="JOBCTL_TIMEOUT", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="Seconds to wait for a unary call.")
+@click.option(
+    "--target",
+    envvar="JOBCTL_TARGET",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="jobsvc address HOST:PORT.",
+)
+@click.option(
+    "--ca-cert",
+    envvar="JOBCTL_CA_CERT",
+    type=click.Path(path_type=Path),
+    default=PKI / "ca.pem",
+    show_default=True,
+    help="CA certificate that signed the server's certificate.",
+)
+@click.option(
+    "--client-cert",
+    envvar="JOBCTL_CLIENT_CERT",
+    type=click.Path(path_type=Path),
+    default=PKI / "alice.pem",
+    show_default=True,
+    help="Your client certificate.",
+)
+@click.option(
+    "--client-key",
+    envvar="JOBCTL_CLIENT_KEY",
+    type=click.Path(path_type=Path),
+    default=PKI / "alice-key.pem",
+    show_default=True,
+    help="Your client key.",
+)
+@click.option(
+    "--timeout",
+    envvar="JOBCTL_TIMEOUT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for a unary call.",
+)
 @click.version_option(package_name="jobsvc")
 @click.pass_context
 def cli(ctx: click.Context, target: str, ca_cert: Path, client_cert: Path, client_key: Path, timeout: float) -> None:
@@ -157,7 +194,7 @@ def cli(ctx: click.Context, target: str, ca_cert: Path, client_cert: Path, clien
 @json_option
 @click.argument("cmd", nargs=-1, required=True, metavar="-- CMD [ARG...]")
 @click.pass_context
-def start(ctx: click.Context, cmd: tuple[str, ...], as_json: bool, **limit_opts: Any) -> None:
+def start(ctx: click.Context, /, cmd: tuple[str, ...], as_json: bool, **limit_opts: Any) -> None:
     """Start CMD as a job; print its id."""
     limits = _limits(limit_opts)
     record = call(lambda: client(ctx).start(_argv(cmd), limits))
@@ -188,7 +225,7 @@ def stop(ctx: click.Context, job_id: str, grace: float | None, as_json: bool) ->
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
     """List your jobs, oldest first."""
-    from jobctl import render
+    from . import render
 
     records = call(lambda: client(ctx).list())
     click.echo(render.records_json(records) if as_json else render.table(records))
@@ -221,8 +258,13 @@ def _quiet_exit(code: int) -> NoReturn:
 
 @cli.command()
 @id_option
-@click.option("--from-offset", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Start at this byte of the output.")
+@click.option(
+    "--from-offset",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Start at this byte of the output.",
+)
 @click.pass_context
 def stream(ctx: click.Context, job_id: str, from_offset: int) -> None:
     """Write the job's stdout and stderr as they come, until it ends. Ctrl-C stops watching (the job runs on)."""
@@ -253,7 +295,7 @@ class _Detach(Exception):
 @click.option("--grace", type=click.FloatRange(0, 3600), help="Grace period when Ctrl-C stops the job.")
 @click.argument("cmd", nargs=-1, required=True, metavar="-- CMD [ARG...]")
 @click.pass_context
-def run(ctx: click.Context, cmd: tuple[str, ...], grace: float | None, **limit_opts: Any) -> None:
+def run(ctx: click.Context, /, cmd: tuple[str, ...], grace: float | None, **limit_opts: Any) -> None:
     """Start CMD, stream its output, exit with its exit code. Ctrl-C stops the job; twice detaches."""
     limits = _limits(limit_opts)
     c = client(ctx)
@@ -280,7 +322,7 @@ def run(ctx: click.Context, cmd: tuple[str, ...], grace: float | None, **limit_o
 
 
 def _stop_quietly(c: Any, job_id: str, grace: float | None) -> None:
-    from jobctl.client import ClientError
+    from .client import ClientError
 
     try:
         c.stop(job_id, grace)

@@ -70,9 +70,11 @@ def _limits(r: JobRecord) -> str:
     if r.limits.pids is not None:
         parts.append(f"pids {r.limits.pids}")
     for io in r.limits.io:
-        rates = [f"{name.replace('_', ' ')} {size(v) + '/s' if name.endswith('bps') else v}"
-                 for name in ("read_bps", "write_bps", "read_iops", "write_iops")
-                 if (v := getattr(io, name)) is not None]
+        rates = [
+            f"{name.replace('_', ' ')} {size(v) + '/s' if name.endswith('bps') else v}"
+            for name in ("read_bps", "write_bps", "read_iops", "write_iops")
+            if (v := getattr(io, name)) is not None
+        ]
         parts.append(f"io {io.device} " + ", ".join(rates))
     return "; ".join(parts) or "none"
 
@@ -81,8 +83,10 @@ def _usage(r: JobRecord) -> str:
     u = r.usage
     parts = []
     if u.cpu_seconds is not None:
-        parts.append(f"cpu {u.cpu_seconds:.3f}s" + (f" ({u.cpu_throttled_periods} throttled periods)"
-                                                    if u.cpu_throttled_periods else ""))
+        parts.append(
+            f"cpu {u.cpu_seconds:.3f}s"
+            + (f" ({u.cpu_throttled_periods} throttled periods)" if u.cpu_throttled_periods else "")
+        )
     if u.memory_peak_bytes is not None:
         parts.append(f"memory peak {size(u.memory_peak_bytes)}")
     if u.io_read_bytes is not None or u.io_write_bytes is not None:

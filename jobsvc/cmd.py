@@ -48,29 +48,65 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--listen", envvar="JOBSVC_LISTEN", default="127.0.0.1:50051", show_default=True,
-              help="HOST:PORT to serve on (port 0 picks a free one).")
-@click.option("--state-dir", envvar="JOBSVC_STATE_DIR", required=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Job records and output live here.")
+@click.option(
+    "--listen",
+    envvar="JOBSVC_LISTEN",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="HOST:PORT to serve on (port 0 picks a free one).",
+)
+@click.option(
+    "--state-dir",
+    envvar="JOBSVC_STATE_DIR",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Job records and output live here.",
+)
 @click.option("--ca-cert", envvar="JOBSVC_CA_CERT", required=True, type=FILE, help="CA that signs client certs.")
 @click.option("--server-cert", envvar="JOBSVC_SERVER_CERT", required=True, type=FILE)
 @click.option("--server-key", envvar="JOBSVC_SERVER_KEY", required=True, type=FILE)
-@click.option("--grace", envvar="JOBSVC_GRACE", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
-              help="Seconds between SIGTERM and SIGKILL when a job is stopped.")
-@click.option("--max-argv-bytes", default=128 * 1024, show_default=True, type=SIZE,
-              help="Largest command (all argv bytes) a Start may send.")
+@click.option(
+    "--grace",
+    envvar="JOBSVC_GRACE",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="Seconds between SIGTERM and SIGKILL when a job is stopped.",
+)
+@click.option(
+    "--max-argv-bytes",
+    default=128 * 1024,
+    show_default=True,
+    type=SIZE,
+    help="Largest command (all argv bytes) a Start may send.",
+)
 @click.option("--default-cpu", type=CPUS, help="CPU limit for jobs that set none.")
 @click.option("--default-memory", type=SIZE, help="Memory limit for jobs that set none (e.g. 512M).")
 @click.option("--default-pids", type=click.IntRange(1), help="Process limit for jobs that set none.")
 @click.option("--max-cpu", type=CPUS, help="Largest CPU limit a job may ask for.")
 @click.option("--max-memory", type=SIZE, help="Largest memory limit a job may ask for.")
 @click.option("--max-pids", type=click.IntRange(1), help="Largest process limit a job may ask for.")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def serve(
-    listen: str, state_dir: Path, ca_cert: Path, server_cert: Path, server_key: Path, grace: float,
-    max_argv_bytes: int, default_cpu: float | None, default_memory: int | None, default_pids: int | None,
-    max_cpu: float | None, max_memory: int | None, max_pids: int | None, log_level: str,
+    listen: str,
+    state_dir: Path,
+    ca_cert: Path,
+    server_cert: Path,
+    server_key: Path,
+    grace: float,
+    max_argv_bytes: int,
+    default_cpu: float | None,
+    default_memory: int | None,
+    default_pids: int | None,
+    max_cpu: float | None,
+    max_memory: int | None,
+    max_pids: int | None,
+    log_level: str,
 ) -> None:
     """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
     import jobsvc.server  # noqa: F401 - sets the TLS cipher policy before grpc is imported
@@ -84,8 +120,14 @@ def serve(
         maxima=Limits(cpu=max_cpu, memory_bytes=max_memory, pids=max_pids),
     )
     config = ServerConfig(
-        state_dir=state_dir, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key, listen=listen,
-        grace=grace, max_argv_bytes=max_argv_bytes, policy=policy,
+        state_dir=state_dir,
+        ca_cert=ca_cert,
+        server_cert=server_cert,
+        server_key=server_key,
+        listen=listen,
+        grace=grace,
+        max_argv_bytes=max_argv_bytes,
+        policy=policy,
     )
     try:
         code = run(config)

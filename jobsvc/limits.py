@@ -83,8 +83,8 @@ def resolve_device(text: str, sysfs: Path = Path("/sys/dev/block")) -> str:
 class LimitPolicy:
     """What a server allows: defaults for unset limits and maxima a request may not exceed."""
 
-    defaults: Limits = Limits()
-    maxima: Limits = Limits()
+    defaults: Limits = dataclasses.field(default_factory=Limits)
+    maxima: Limits = dataclasses.field(default_factory=Limits)
     cpu_count: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     min_memory_bytes: int = MIN_MEMORY_BYTES
     max_io_devices: int = MAX_IO_DEVICES

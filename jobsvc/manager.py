@@ -17,7 +17,7 @@ from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog
-from jobsvc.spawn import SpawnError, Spawner, SpawnRequest
+from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.store import JobStore
 
 log = logging.getLogger(__name__)

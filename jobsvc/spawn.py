@@ -239,7 +239,7 @@ def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
         os.execvpe(argv[0], argv, env)
     except OSError as e:
         report = {"errno": e.errno or errno.EIO, "stage": stage, "detail": str(e.filename or "")}
-    except BaseException as e:  # noqa: BLE001 - whatever happens, the child must not return into the helper
+    except BaseException as e:
         report = {"errno": errno.EIO, "stage": stage, "detail": type(e).__name__}
     with contextlib.suppress(BaseException):
         os.write(status_w, json.dumps(report).encode())
@@ -277,7 +277,7 @@ def _spawn(msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     if not chunks:
         return {"seq": msg["seq"], "pid": pid}
     os.waitpid(pid, 0)
-    report = json.loads(b"".join(chunks))
+    report: dict[str, Any] = json.loads(b"".join(chunks))
     report["seq"] = msg["seq"]
     return report
 
@@ -314,14 +314,14 @@ def helper_main(sock_fd: int, server_pid: int) -> None:
     sock.sendall(json.dumps({"ready": os.getpid()}).encode())
     while True:
         try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         except InterruptedError:
             continue
         if wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 4096):
                     pass
-        if sock in ready:
+        if sock.fileno() in ready:
             msg_bytes, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 8)
             if not msg_bytes:
                 return

@@ -17,7 +17,13 @@ _STATUS_TO_PB = {
 }
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 _IO_FIELDS = ("read_bps", "write_bps", "read_iops", "write_iops")
-_USAGE_FIELDS = ("cpu_seconds", "cpu_throttled_periods", "memory_peak_bytes", "io_read_bytes", "io_write_bytes")
+_USAGE_FIELDS = (
+    "cpu_seconds",
+    "cpu_throttled_periods",
+    "memory_peak_bytes",
+    "io_read_bytes",
+    "io_write_bytes",
+)
 
 
 def _ts(t: dt.datetime) -> Timestamp:
@@ -31,8 +37,12 @@ def _opt(msg: object, name: str) -> object | None:
 
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
-    out = pb.Limits(io=[pb.IoLimit(device=io.device, **{f: getattr(io, f) for f in _IO_FIELDS
-                                                          if getattr(io, f) is not None}) for io in limits.io])
+    out = pb.Limits(
+        io=[
+            pb.IoLimit(device=io.device, **{f: getattr(io, f) for f in _IO_FIELDS if getattr(io, f) is not None})
+            for io in limits.io
+        ]
+    )
     if limits.cpu is not None:
         out.cpu = limits.cpu
     if limits.memory_bytes is not None:

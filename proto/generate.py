@@ -1,4 +1,7 @@
-"""Generate jobsvc/_pb from proto/ (make proto). The unit tests call generate() to prove the checked-in code is fresh."""
+"""Generate jobsvc/_pb from proto/ (make proto).
+
+The unit tests call generate() to prove the checked-in code is fresh.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +23,15 @@ def generate(out_dir: Path) -> list[Path]:
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     written = []
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *PROTOS]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *PROTOS,
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed")
         for proto in PROTOS:

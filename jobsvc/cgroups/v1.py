@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,13 +39,13 @@ def find_hierarchies(proc: Path = Path("/proc/self")) -> dict[str, Path]:
         for c in controllers.split(","):
             own[c] = path
     result: dict[str, Path] = {}
-    for controller, (mount_point, root) in mounts.items():
-        path = own.get(controller)
-        if path is None:
+    for controller, (mount_dir, mount_root) in mounts.items():
+        own_path = own.get(controller)
+        if own_path is None:
             continue
         # The mount may show a sub-tree (a container's view): our path is relative to the mount's root.
-        rel = os.path.relpath(path, root)
-        result[controller] = (mount_point / rel).resolve() if rel != "." else mount_point.resolve()
+        rel = os.path.relpath(own_path, mount_root)
+        result[controller] = (mount_dir / rel).resolve() if rel != "." else mount_dir.resolve()
     return result
 
 
@@ -194,10 +195,8 @@ class V1Group:
             return True
 
     def thaw(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             write_file(self._dirs["freezer"] / "freezer.state", "THAWED")
-        except FileNotFoundError:
-            pass
 
     def oom_kills(self) -> int:
         return Memory.oom_kills(self._dirs["memory"])

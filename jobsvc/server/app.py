@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -44,7 +43,9 @@ class ServerConfig:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(
-            state_dir=self.state_dir, policy=self.policy, default_grace=self.grace,
+            state_dir=self.state_dir,
+            policy=self.policy,
+            default_grace=self.grace,
             max_argv_bytes=self.max_argv_bytes,
         )
 
@@ -66,12 +67,13 @@ async def build_server(config: ServerConfig, manager: JobManager) -> tuple[aio.S
         ],
     )
     pb_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
     )
     creds = server_credentials(config.ca_cert, config.server_cert, config.server_key)
     try:

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -67,24 +67,27 @@ def peer_identity(context: aio.ServicerContext) -> str | None:
     whose order and escaping differ from RFC 4514, and identity must not depend on a library's formatting.
     """
     auth = context.auth_context()
-    pems = auth.get("x509_pem_cert")
+    pems = list(auth.get("x509_pem_cert") or ())
     if pems:
         return _subject_from_pem(pems[0])
-    subjects = auth.get("x509_subject")
+    subjects = list(auth.get("x509_subject") or ())
     if subjects:
-        return subjects[0].decode()
+        return str(subjects[0].decode())
     return None
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, unary: Callable[[Unary], Unary],
-            streaming: Callable[[Streaming], Streaming]) -> grpc.RpcMethodHandler:
+def _rewrap(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Unary], Unary],
+    streaming: Callable[[Streaming], Streaming],
+) -> grpc.RpcMethodHandler:
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            unary(cast(Unary, handler.unary_unary)), handler.request_deserializer, handler.response_serializer
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            streaming(cast(Streaming, handler.unary_stream)), handler.request_deserializer, handler.response_serializer
         )
     return handler
 
@@ -93,7 +96,8 @@ class IdentityInterceptor(aio.ServerInterceptor):
     """Every JobService call runs as the caller's certificate Subject; no verified certificate, no call."""
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -104,7 +108,7 @@ class IdentityInterceptor(aio.ServerInterceptor):
             who = peer_identity(context)
             if not who:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a verified client certificate is required")
-            _identity.set(who)  # type: ignore[arg-type]
+            _identity.set(who or "")
 
         def unary(behavior: Unary) -> Unary:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
@@ -131,7 +135,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
     """
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -194,13 +199,14 @@ def _map(e: BaseException, context: aio.ServicerContext, method: str) -> tuple[s
     return "INTERNAL", grpc.StatusCode.INTERNAL, "internal error"
 
 
-def _log_request(context: aio.ServicerContext, method: str, job_id: str | None, outcome: str, started: float,
-                 **extra: Any) -> None:
+def _log_request(
+    context: aio.ServicerContext, method: str, job_id: str | None, outcome: str, started: float, **extra: Any
+) -> None:
     if not request_log.isEnabledFor(logging.INFO):
         return
     try:
         who = _identity.get(None) or peer_identity(context)
-    except Exception:  # noqa: BLE001 - the log line must never fail the call
+    except Exception:
         who = None
     entry = {
         "identity": who,

@@ -60,3 +60,23 @@ async def engine(tmp_path: Path) -> AsyncIterator[object]:
     instance = bases[0].name
     assert not processes_in_cgroup_named(instance), "a job process outlived the engine"
     assert not any(b.exists() for b in bases), "the instance's groups were left behind"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> object:
+    from tests.system.server import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki") / "pki")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, keys: object) -> object:
+    """One real jobsvc process per test module; it must exit 0 on SIGTERM and leave no job process behind."""
+    if _why_not():
+        pytest.skip(_why_not() or "")
+    from tests.system.server import start_server
+
+    srv = start_server(tmp_path_factory.mktemp("server"), keys)  # type: ignore[arg-type]
+    yield srv
+    if not srv.stopped:
+        assert srv.stop() == 0, srv.log()

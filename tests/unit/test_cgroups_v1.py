@@ -53,9 +53,7 @@ def test_find_hierarchies_uses_own_group_relative_to_the_mount_root(fake_proc: P
 def test_joint_cpu_cpuacct_mount_is_one_hierarchy(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     proc.mkdir()
-    (proc / "mountinfo").write_text(
-        f"32 31 0:29 / {tmp_path}/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
-    )
+    (proc / "mountinfo").write_text(f"32 31 0:29 / {tmp_path}/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n")
     (proc / "cgroup").write_text("3:cpu,cpuacct:/system.slice\n")
     own = find_hierarchies(proc)
     assert own["cpu"] == own["cpuacct"] == tmp_path / "cpu,cpuacct" / "system.slice"
@@ -116,9 +114,7 @@ def test_usage_and_oom_counter_are_parsed(tmp_path: Path) -> None:
     (base / "cpuacct/own/jobsvc/inst1/j/cpuacct.usage").write_text("1500000000\n")
     (base / "cpu/own/jobsvc/inst1/j/cpu.stat").write_text("nr_periods 30\nnr_throttled 29\nthrottled_time 5\n")
     (base / "memory/own/jobsvc/inst1/j/memory.max_usage_in_bytes").write_text("4096\n")
-    (base / "memory/own/jobsvc/inst1/j/memory.oom_control").write_text(
-        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"
-    )
+    (base / "memory/own/jobsvc/inst1/j/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     (base / "blkio/own/jobsvc/inst1/j/blkio.throttle.io_service_bytes").write_text(
         "254:0 Read 100\n254:0 Write 200\n254:0 Total 300\n7:0 Read 5\nTotal 305\n"
     )

@@ -14,8 +14,16 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("512", 512), ("64K", 64 << 10), ("64M", 64 * MiB), ("64m", 64 * MiB), ("1.5G", 3 << 29), ("2GiB", 2 << 30),
-     ("10MB", 10 * MiB), ("1T", 1 << 40)],
+    [
+        ("512", 512),
+        ("64K", 64 << 10),
+        ("64M", 64 * MiB),
+        ("64m", 64 * MiB),
+        ("1.5G", 3 << 29),
+        ("2GiB", 2 << 30),
+        ("10MB", 10 * MiB),
+        ("1T", 1 << 40),
+    ],
 )
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
@@ -65,11 +73,12 @@ def test_validate_refuses_naming_the_field(limits: Limits, field: str) -> None:
 
 def test_defaults_fill_unset_fields_and_maxima_refuse() -> None:
     policy = LimitPolicy(
-        defaults=Limits(memory_bytes=256 * MiB, pids=100), maxima=Limits(cpu=1.0, memory_bytes=512 * MiB, pids=500),
+        defaults=Limits(memory_bytes=256 * MiB, pids=100),
+        maxima=Limits(cpu=1.0, memory_bytes=512 * MiB, pids=500),
         cpu_count=2,
     )
     assert validate(Limits(pids=7), policy) == Limits(memory_bytes=256 * MiB, pids=7)
-    with pytest.raises(InvalidArgumentError, match="maximum of 1.0"):
+    with pytest.raises(InvalidArgumentError, match=r"maximum of 1\.0"):
         validate(Limits(cpu=1.5), policy)
     with pytest.raises(InvalidArgumentError, match="maximum of 536870912"):
         validate(Limits(memory_bytes=1024 * MiB), policy)

@@ -48,7 +48,15 @@ def test_json_form_has_every_field_with_rfc3339_times() -> None:
             "cpu": 0.5,
             "memory_bytes": 64 << 20,
             "pids": 20,
-            "io": [{"device": "254:0", "read_bps": None, "write_bps": 1 << 20, "read_iops": None, "write_iops": None}],
+            "io": [
+                {
+                    "device": "254:0",
+                    "read_bps": None,
+                    "write_bps": 1 << 20,
+                    "read_iops": None,
+                    "write_iops": None,
+                }
+            ],
         },
         "usage": {
             "cpu_seconds": 1.5,

@@ -1,0 +1,153 @@
+"""A real jobsvc server process for system tests, with a real dev PKI and extra hostile certificates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from jobsvc import pki
+from jobsvc._pb import jobs_pb2_grpc
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Pki:
+    dir: Path
+
+    def cert(self, user: str) -> Path:
+        return self.dir / f"{user}.pem"
+
+    def key(self, user: str) -> Path:
+        return self.dir / f"{user}-key.pem"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+
+def make_pki(directory: Path) -> Pki:
+    """alice and bob from `jobsvc pki init`, plus certificates a hostile client might present."""
+    subprocess.run(
+        [BIN / "jobsvc", "pki", "init", str(directory), "--user", "alice", "--user", "bob"],
+        check=True,
+        capture_output=True,
+    )
+    ca = pki.Issued(
+        pki.x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes()),
+        pki.serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None),  # type: ignore[arg-type]
+    )
+    now = dt.datetime.now(dt.UTC)
+    # Another CA with the very same name as ours: only the signature tells them apart.
+    impostor = pki.make_ca(ca.cert.subject)
+    extra = {
+        "mallory": pki.issue(impostor, "alice"),
+        "expired": pki.issue(ca, "alice", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)),
+        "alice-acme": pki.issue(ca, pki.name("alice", "Acme")),
+        "alice-globex": pki.issue(ca, pki.name("alice", "Globex")),
+    }
+    for stem, issued in extra.items():
+        (directory / f"{stem}.pem").write_bytes(issued.cert_pem)
+        (directory / f"{stem}-key.pem").write_bytes(issued.key_pem)
+    return Pki(directory)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    pki: Pki
+    state_dir: Path
+    log_path: Path
+    stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self, user: str = "alice") -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            self.pki.ca.read_bytes(), self.pki.key(user).read_bytes(), self.pki.cert(user).read_bytes()
+        )
+        return grpc.secure_channel(self.target, creds)
+
+    def stub(self, user: str = "alice") -> jobs_pb2_grpc.JobServiceStub:
+        return jobs_pb2_grpc.JobServiceStub(self.channel(user))
+
+    def fds(self) -> set[str]:
+        return set(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def env(self, user: str = "alice") -> dict[str, str]:
+        """Environment that points jobctl at this server as user."""
+        return {
+            **os.environ,
+            "JOBCTL_TARGET": self.target,
+            "JOBCTL_CA_CERT": str(self.pki.ca),
+            "JOBCTL_CLIENT_CERT": str(self.pki.cert(user)),
+            "JOBCTL_CLIENT_KEY": str(self.pki.key(user)),
+        }
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.stopped = True
+        return code
+
+
+def start_server(tmp: Path, keys: Pki, *args: str) -> Server:
+    state = tmp / "state"
+    log_path = tmp / "server.log"
+    proc = subprocess.Popen(
+        [
+            BIN / "jobsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state),
+            "--ca-cert",
+            str(keys.ca),
+            "--server-cert",
+            str(keys.dir / "server.pem"),
+            "--server-key",
+            str(keys.dir / "server-key.pem"),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log_path.open("wb"),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("jobsvc listening on "):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
+    port = int(line.rsplit(":", 1)[1])
+    server = Server(proc, port, keys, state, log_path)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # ready when a handshake with a real client succeeds
+        try:
+            grpc.channel_ready_future(server.channel()).result(timeout=1)
+            break
+        except grpc.FutureTimeoutError:
+            continue
+    return server
