@@ -87,6 +87,30 @@ def main() -> None:
 @click.option("--max-memory", type=SIZE, help="Largest memory limit a job may ask for.")
 @click.option("--max-pids", type=click.IntRange(1), help="Largest process limit a job may ask for.")
 @click.option(
+    "--work-root",
+    envvar="JOBSVC_WORK_ROOT",
+    default="/var/tmp/jobsvc",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Each job's fresh working directory lives here.",
+)
+@click.option(
+    "--job-user",
+    metavar="NAME",
+    help="Run every job as this account (e.g. root) instead of a transient uid per job. Opt-in for "
+    "trusted setups only.",
+)
+@click.option(
+    "--admin",
+    "admins",
+    multiple=True,
+    metavar="SUBJECT",
+    help="A certificate Subject (RFC 4514) that may get, stream, stop and list every job. Repeatable.",
+)
+@click.option("--max-running-per-user", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--max-running-total", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--max-streams-per-user", default=512, show_default=True, type=click.IntRange(1))
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -106,11 +130,18 @@ def serve(
     max_cpu: float | None,
     max_memory: int | None,
     max_pids: int | None,
+    work_root: Path,
+    job_user: str | None,
+    admins: tuple[str, ...],
+    max_running_per_user: int,
+    max_running_total: int,
+    max_streams_per_user: int,
     log_level: str,
 ) -> None:
     """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
     import jobsvc.server  # noqa: F401 - sets the TLS cipher policy before grpc is imported
     from jobsvc.cgroups.base import CgroupSetupError
+    from jobsvc.manager import EngineConfig
     from jobsvc.server.app import ListenError, ServerConfig, configure_logging, run
     from jobsvc.server.tls import CredentialsError
 
@@ -119,19 +150,22 @@ def serve(
         defaults=Limits(cpu=default_cpu, memory_bytes=default_memory, pids=default_pids),
         maxima=Limits(cpu=max_cpu, memory_bytes=max_memory, pids=max_pids),
     )
-    config = ServerConfig(
-        state_dir=state_dir,
-        ca_cert=ca_cert,
-        server_cert=server_cert,
-        server_key=server_key,
-        listen=listen,
-        grace=grace,
-        max_argv_bytes=max_argv_bytes,
+    engine = EngineConfig(
+        state_dir=state_dir.absolute(),
         policy=policy,
+        default_grace=grace,
+        max_argv_bytes=max_argv_bytes,
+        work_root=work_root.absolute(),
+        job_user=job_user,
+        admins=frozenset(admins),
+        max_running_per_user=max_running_per_user,
+        max_running_total=max_running_total,
+        max_streams_per_user=max_streams_per_user,
     )
+    config = ServerConfig(engine=engine, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key, listen=listen)
     try:
         code = run(config)
-    except (CgroupSetupError, ListenError, CredentialsError, PermissionError) as e:
+    except (CgroupSetupError, ListenError, CredentialsError, PermissionError, InvalidArgumentError) as e:
         click.echo(f"jobsvc: {e}", err=True)
         sys.exit(1)
     sys.exit(code)

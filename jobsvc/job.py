@@ -87,6 +87,7 @@ class Job:
         group: JobGroup,
         output: OutputLog,
         clock: Clock = utc_now,
+        uid: int | None = None,
     ) -> None:
         self.id = job_id
         self.owner = owner
@@ -99,6 +100,7 @@ class Job:
         self.started_at = clock()
         self.ended_at: dt.datetime | None = None
         self.pid: int | None = None
+        self.uid = uid
         self.reason: str | None = None
         self.exit: ExitInfo | None = None
         self.oom_killed = False
@@ -135,6 +137,7 @@ class Job:
             ended_at=self.ended_at,
             usage=usage,
             output_bytes=self.output.size,
+            uid=self.uid,
         )
 
     @property

@@ -6,28 +6,32 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobsvc.authz import Authz
 from jobsvc.cgroups.base import CgroupDriver, detect
-from jobsvc.errors import InvalidArgumentError, UnavailableError, not_found
+from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
 from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog
 from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.store import JobStore
+from jobsvc.users import DYNAMIC_RANGE, JobUser, UidPool, named_user
 
 log = logging.getLogger(__name__)
 
 MIN_PREFIX = 4
-DEFAULT_ENV: Mapping[bytes, bytes] = {
+# A job's whole environment: nothing of the server's leaks into it. HOME is its working directory.
+BASE_ENV: Mapping[bytes, bytes] = {
     b"PATH": b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     b"LANG": b"C.UTF-8",
-    b"HOME": b"/",
 }
+JOB_UMASK = 0o077
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,13 @@ class EngineConfig:
     max_argv_bytes: int = 128 * 1024
     max_argc: int = 4096
     durable: bool = True
+    work_root: Path = Path("/var/tmp/jobsvc")  # each job gets a fresh working directory here
+    job_user: str | None = None  # None: a transient uid per job from uid_range
+    uid_range: tuple[int, int] = DYNAMIC_RANGE
+    admins: frozenset[str] = frozenset()
+    max_running_per_user: int = 128
+    max_running_total: int = 512
+    max_streams_per_user: int = 512
 
 
 def check_argv(argv: Iterable[bytes | str], max_bytes: int, max_argc: int) -> tuple[bytes, ...]:
@@ -78,13 +89,21 @@ class JobManager:
         self._clock = clock
         self._jobs: dict[str, Job] = {}
         self._by_owner: dict[str, dict[str, Job]] = {}
+        self._authz = Authz(config.admins)
+        self._fixed_user = named_user(config.job_user) if config.job_user is not None else None
+        self._uids = UidPool(*config.uid_range)
+        self._users: dict[str, JobUser] = {}
+        self._running: dict[str, int] = {}
+        self._streams: dict[str, int] = {}
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def open(cls, config: EngineConfig, driver: CgroupDriver | None = None) -> JobManager:
-        """Set up the state dir, this instance's cgroups and the spawn helper."""
+        """Set up the state dir, the work root, this instance's cgroups and the spawn helper."""
         store = JobStore(config.state_dir, durable=config.durable)
+        config.work_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.work_root, 0o711)  # jobs may enter their own directory, but not list the others
         if driver is None:
             driver = detect(store.instance_id())
         spawner = Spawner.launch()
@@ -100,9 +119,12 @@ class JobManager:
 
     # -- lookups ----------------------------------------------------------------------------------------------------
 
+    def _visible(self, identity: str) -> dict[str, Job]:
+        return self._jobs if self._authz.is_admin(identity) else self._by_owner.get(identity, {})
+
     def _resolve(self, owner: str, job_id: str) -> Job:
-        """A job of this owner by full id or unique prefix (at least MIN_PREFIX characters)."""
-        mine = self._by_owner.get(owner, {})
+        """A job this identity may act on, by full id or unique prefix (at least MIN_PREFIX characters)."""
+        mine = self._visible(owner)
         job = mine.get(job_id)
         if job is not None:
             return job
@@ -118,7 +140,7 @@ class JobManager:
         return self._resolve(owner, job_id).record()
 
     def list(self, owner: str) -> list[JobRecord]:
-        jobs = self._by_owner.get(owner, {}).values()
+        jobs = self._visible(owner).values()
         return sorted((j.record() for j in jobs), key=lambda r: r.started_at)
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
@@ -129,16 +151,32 @@ class JobManager:
             raise UnavailableError("the server is shutting down")
         args = check_argv(argv, self.config.max_argv_bytes, self.config.max_argc)
         limits = validate(resolve_devices(limits or Limits()), self.config.policy)
+        self._check_job_quota(owner)
         job_id = str(uuid.uuid4())
-        group = self._driver.create(job_id, limits)
+        user = self._fixed_user or self._uids.acquire()
+        try:
+            workdir = self._make_workdir(job_id, user)
+            group = self._driver.create(job_id, limits)
+        except BaseException:
+            self._release_user(user)
+            self._remove_workdir(job_id)
+            raise
         out_r = out_w = err_r = err_w = -1
         output: OutputLog | None = None
         try:
             output = OutputLog(self._store.output_dir(job_id))
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            request = SpawnRequest(argv=args, env=DEFAULT_ENV, cwd=b"/", join_files=group.join_files)
-            job = Job(job_id, owner, args, limits, group, output, self._clock)
+            request = SpawnRequest(
+                argv=args,
+                env={**BASE_ENV, b"HOME": os.fsencode(workdir)},
+                cwd=os.fsencode(workdir),
+                join_files=group.join_files,
+                uid=user.uid,
+                gid=user.gid,
+                umask=JOB_UMASK,
+            )
+            job = Job(job_id, owner, args, limits, group, output, self._clock, uid=user.uid)
             try:
                 pid, exit_status = await self._spawner.spawn(request, out_w, err_w)
             except SpawnError as e:
@@ -158,9 +196,13 @@ class JobManager:
             await kill_group(group)
             await destroy_group(group)
             self._store.remove(job_id)
+            self._remove_workdir(job_id)
+            self._release_user(user)
             raise
         self._jobs[job_id] = job
         self._by_owner.setdefault(owner, {})[job_id] = job
+        self._users[job_id] = user
+        self._running[owner] = self._running.get(owner, 0) + 1
         record = job.record()
         self._store.save(record)
         task = asyncio.get_running_loop().create_task(self._persist_end(job))
@@ -170,6 +212,9 @@ class JobManager:
 
     async def _persist_end(self, job: Job) -> None:
         record = await job.wait()
+        # The group is empty, so no process holds the uid any more.
+        self._release_user(self._users.pop(job.id))
+        self._running[job.owner] -= 1
         try:
             self._store.save(record)
         except OSError:
@@ -192,7 +237,42 @@ class JobManager:
         """The job's output from from_offset, then live until it has ended and everything was delivered."""
         if from_offset < 0:
             raise InvalidArgumentError(f"from_offset must not be negative, got {from_offset}")
-        return self._resolve(owner, job_id).output.follow(from_offset)
+        job = self._resolve(owner, job_id)
+        if self._streams.get(owner, 0) >= self.config.max_streams_per_user:
+            raise ResourceExhaustedError(
+                f"quota: at most {self.config.max_streams_per_user} concurrent streams per user"
+            )
+        return self._counted_stream(owner, job.output.follow(from_offset))
+
+    async def _counted_stream(self, owner: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        self._streams[owner] = self._streams.get(owner, 0) + 1
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._streams[owner] -= 1
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
+
+    def _check_job_quota(self, owner: str) -> None:
+        if self._running.get(owner, 0) >= self.config.max_running_per_user:
+            raise ResourceExhaustedError(f"quota: at most {self.config.max_running_per_user} running jobs per user")
+        if sum(self._running.values()) >= self.config.max_running_total:
+            raise ResourceExhaustedError(f"quota: at most {self.config.max_running_total} running jobs on this server")
+
+    def _release_user(self, user: JobUser) -> None:
+        if user is not self._fixed_user:
+            self._uids.release(user)
+
+    def _make_workdir(self, job_id: str, user: JobUser) -> Path:
+        path = self.config.work_root / job_id
+        path.mkdir(mode=0o700)
+        os.chown(path, user.uid, user.gid)
+        return path
+
+    def _remove_workdir(self, job_id: str) -> None:
+        shutil.rmtree(self.config.work_root / job_id, ignore_errors=True)
 
     async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> None:
         """Stop every running job and the spawn helper; remove this instance's groups."""

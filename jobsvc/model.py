@@ -122,6 +122,7 @@ class JobRecord:
     ended_at: dt.datetime | None = None
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
+    uid: int | None = None  # the Unix user the job runs as
 
     def to_dict(self) -> dict[str, Any]:
         """The one JSON form of a job (what `jobctl --json` prints)."""
@@ -140,6 +141,7 @@ class JobRecord:
             "limits": self.limits.to_dict(),
             "usage": self.usage.to_dict(),
             "output_bytes": self.output_bytes,
+            "uid": self.uid,
         }
 
     def to_json(self, indent: int | None = 2) -> str:

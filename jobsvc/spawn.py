@@ -26,6 +26,7 @@ from typing import Any
 
 MAX_MESSAGE = 4 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -193,10 +194,12 @@ class Spawner:
 
 
 def _prctl(option: int, arg: int) -> None:
-    import ctypes
+    import ctypes  # loaded by the helper at start, so the forked child imports nothing
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(option, arg, 0, 0, 0)
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
@@ -224,15 +227,16 @@ def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
         os.dup2(err, 2)
         if msg["umask"] is not None:
             os.umask(msg["umask"])
-        stage = "cwd"
-        os.chdir(msg["cwd"])
+        stage = "user"
         if msg["gid"] is not None:
-            stage = "user"
             os.setgroups([])
             os.setgid(msg["gid"])
         if msg["uid"] is not None:
-            stage = "user"
             os.setuid(msg["uid"])
+        # no setuid binary, file capability or LSM transition can give the job more than it starts with
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        stage = "cwd"
+        os.chdir(msg["cwd"])  # as the job's user: it must be able to enter its working directory
         stage = "exec"
         argv = [os.fsencode(a) for a in msg["argv"]]
         env = {os.fsencode(k): os.fsencode(v) for k, v in msg["env"].items()}

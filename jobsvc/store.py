@@ -58,6 +58,7 @@ def record_from_json(d: dict[str, Any]) -> JobRecord:
         ended_at=parse_time(d.get("ended_at")),
         usage=Usage.from_dict(d.get("usage")),
         output_bytes=int(d.get("output_bytes") or 0),
+        uid=d.get("uid"),
     )
 
 

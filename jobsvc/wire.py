@@ -84,6 +84,8 @@ def job_to_pb(r: JobRecord) -> pb.Job:
         msg.ended_at.CopyFrom(_ts(r.ended_at))
     if r.pid is not None:
         msg.pid = r.pid
+    if r.uid is not None:
+        msg.uid = r.uid
     return msg
 
 
@@ -103,4 +105,5 @@ def job_from_pb(msg: pb.Job) -> JobRecord:
         ended_at=msg.ended_at.ToDatetime(dt.UTC) if msg.HasField("ended_at") else None,
         usage=Usage(**{f: _opt(msg.usage, f) for f in _USAGE_FIELDS}),  # type: ignore[arg-type]
         output_bytes=msg.output_bytes,
+        uid=_opt(msg, "uid"),  # type: ignore[arg-type]
     )

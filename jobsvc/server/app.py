@@ -8,7 +8,7 @@ import logging
 import resource
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
@@ -17,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc as pb_grpc
-from jobsvc.limits import LimitPolicy
 from jobsvc.manager import EngineConfig, JobManager
 from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
 from jobsvc.server.servicer import JobServicer
@@ -32,22 +31,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 class ServerConfig:
     """Everything `jobsvc serve` takes; building one does no I/O."""
 
-    state_dir: Path
+    engine: EngineConfig
     ca_cert: Path
     server_cert: Path
     server_key: Path
     listen: str = "127.0.0.1:50051"
-    grace: float = 5.0
-    max_argv_bytes: int = 128 * 1024
-    policy: LimitPolicy = field(default_factory=LimitPolicy)
-
-    def engine(self) -> EngineConfig:
-        return EngineConfig(
-            state_dir=self.state_dir,
-            policy=self.policy,
-            default_grace=self.grace,
-            max_argv_bytes=self.max_argv_bytes,
-        )
 
 
 class ListenError(RuntimeError):
@@ -57,7 +45,7 @@ class ListenError(RuntimeError):
 async def build_server(config: ServerConfig, manager: JobManager) -> tuple[aio.Server, int]:
     """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port)."""
     # The request cap sits above the argv cap, so an oversized argv reaches the engine and gets INVALID_ARGUMENT.
-    max_request = max(4 << 20, 2 * config.max_argv_bytes + (64 << 10))
+    max_request = max(4 << 20, 2 * config.engine.max_argv_bytes + (64 << 10))
     server = aio.server(
         interceptors=[ErrorInterceptor(), IdentityInterceptor()],
         options=[
@@ -96,7 +84,7 @@ def raise_fd_limit() -> int:
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
     raise_fd_limit()
-    manager = JobManager.open(config.engine())
+    manager = JobManager.open(config.engine)
     try:
         server, port = await build_server(config, manager)
     except BaseException:
@@ -104,14 +92,14 @@ async def serve(config: ServerConfig) -> int:
         raise
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
-    log.info("listening on %s:%d (state in %s)", host, port, config.state_dir)
+    log.info("listening on %s:%d (state in %s)", host, port, config.engine.state_dir)
     print(f"jobsvc listening on {host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: stopping running jobs (grace %.1f s)", config.grace)
+    log.info("shutting down: stopping running jobs (grace %.1f s)", config.engine.default_grace)
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
     await manager.shutdown()
     await server.stop(grace=1.0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,10 +52,18 @@ def job_group_dirs(engine: object, job_id: str) -> list[Path]:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[object]:
+def work_root() -> Iterator[Path]:
+    """Jobs' working directories: outside pytest's private tmp (mode 0700), so jobs' own uids can enter them."""
+    path = Path(tempfile.mkdtemp(prefix="jobsvc-test-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, work_root: Path) -> AsyncIterator[object]:
     from jobsvc.manager import EngineConfig, JobManager
 
-    manager = JobManager.open(EngineConfig(state_dir=tmp_path / "state", default_grace=2.0))
+    manager = JobManager.open(EngineConfig(state_dir=tmp_path / "state", default_grace=2.0, work_root=work_root))
     bases = manager.instance_groups
     yield manager
     await manager.shutdown(grace=1.0)
@@ -80,3 +90,4 @@ def server(tmp_path_factory: pytest.TempPathFactory, keys: object) -> object:
     yield srv
     if not srv.stopped:
         assert srv.stop() == 0, srv.log()
+    shutil.rmtree(srv.work_root, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class Server:
     pki: Pki
     state_dir: Path
     log_path: Path
+    work_root: Path
     stopped: bool = field(default=False)
 
     @property
@@ -117,6 +119,8 @@ class Server:
 def start_server(tmp: Path, keys: Pki, *args: str) -> Server:
     state = tmp / "state"
     log_path = tmp / "server.log"
+    # jobs' working directories must be enterable by their own uids, so not under pytest's private tmp
+    work_root = Path(tempfile.mkdtemp(prefix="jobsvc-test-", dir="/var/tmp"))
     proc = subprocess.Popen(
         [
             BIN / "jobsvc",
@@ -125,6 +129,8 @@ def start_server(tmp: Path, keys: Pki, *args: str) -> Server:
             "127.0.0.1:0",
             "--state-dir",
             str(state),
+            "--work-root",
+            str(work_root),
             "--ca-cert",
             str(keys.ca),
             "--server-cert",
@@ -142,7 +148,7 @@ def start_server(tmp: Path, keys: Pki, *args: str) -> Server:
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
     port = int(line.rsplit(":", 1)[1])
-    server = Server(proc, port, keys, state, log_path)
+    server = Server(proc, port, keys, state, log_path, work_root)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # ready when a handshake with a real client succeeds
         try:

@@ -65,8 +65,8 @@ def test_every_rpc_round_trips(server: Server) -> None:
 
 
 def test_twenty_concurrent_streams_are_byte_identical(server: Server, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    job = server.stub().Start(pb.StartRequest(argv=[b"sh", b"-c", f"head -c 16M /dev/urandom | tee {copy}".encode()]))
+    job = server.stub().Start(pb.StartRequest(argv=[b"sh", b"-c", b"head -c 16M /dev/urandom | tee copy"]))
+    copy = server.work_root / job.id / "copy"  # the job's own working directory
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(lambda _: stream_bytes(server, job.id), range(20)))
     expected = hashlib.sha256(copy.read_bytes()).hexdigest()

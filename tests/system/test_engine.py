@@ -98,8 +98,8 @@ async def test_exec_failures_fail_start_naming_the_cause(engine: JobManager, tmp
 
 
 async def test_twenty_live_readers_and_a_late_one_get_identical_bytes(engine: JobManager, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    rec = await engine.start("alice", ["sh", "-c", f"head -c 20M /dev/urandom | tee {copy}"])
+    rec = await engine.start("alice", ["sh", "-c", "head -c 20M /dev/urandom | tee copy"])
+    copy = engine.config.work_root / rec.id / "copy"  # written in the job's own working directory
     results = await asyncio.gather(*(read_all(engine, "alice", rec.id) for _ in range(20)))
     expected = hashlib.sha256(copy.read_bytes()).hexdigest()
     assert copy.stat().st_size == 20 << 20
@@ -196,7 +196,7 @@ def test_memory_stays_flat_while_a_job_writes_a_gibibyte(tmp_path: Path) -> None
 
 
 async def test_two_engines_on_one_host_do_not_touch_each_other(engine: JobManager, tmp_path: Path) -> None:
-    other = JobManager.open(EngineConfig(state_dir=tmp_path / "other-state"))
+    other = JobManager.open(EngineConfig(state_dir=tmp_path / "other-state", work_root=engine.config.work_root))
     try:
         assert set(engine.instance_groups).isdisjoint(other.instance_groups)
         mine = await engine.start("alice", ["sleep", "1000"])

@@ -20,7 +20,7 @@ from jobsvc.output import STDOUT
 from jobsvc.states import JobStatus
 from tests.system.conftest import job_group_dirs, processes_in_cgroup_named
 
-PY = sys.executable
+PY = "/usr/bin/python3"  # the job's own uid must be able to run it (a pyenv under /root is out of reach)
 MiB = 1 << 20
 
 
@@ -67,10 +67,13 @@ def _disk_of(path: Path) -> str:
 
 
 async def test_disk_write_and_read_bandwidth_are_throttled(engine: JobManager, tmp_path: Path) -> None:
-    disk = _disk_of(tmp_path)
-    target = tmp_path / "data"
-    write = ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=4", "oflag=direct"]
-    read = ["dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct"]
+    disk = _disk_of(engine.config.work_root)
+    # every job runs as its own uid: the test makes a file all of them may read and overwrite in place
+    data = engine.config.work_root / "shared-data"
+    data.write_bytes(b"\0" * 4 * MiB)
+    data.chmod(0o666)
+    write = ["dd", "if=/dev/zero", f"of={data}", "bs=1M", "count=4", "oflag=direct", "conv=notrunc"]
+    read = ["dd", f"if={data}", "of=/dev/null", "bs=1M", "iflag=direct"]
     control_write = await engine.wait("root", (await engine.start("root", write)).id)
     control_read = await engine.wait("root", (await engine.start("root", read)).id)
     limited_write = await engine.wait(
@@ -91,9 +94,8 @@ async def test_disk_write_and_read_bandwidth_are_throttled(engine: JobManager, t
 
 
 async def test_iops_limit_is_applied(engine: JobManager, tmp_path: Path) -> None:
-    disk = _disk_of(tmp_path)
-    target = tmp_path / "iops"
-    write = ["dd", "if=/dev/zero", f"of={target}", "bs=4k", "count=200", "oflag=direct"]
+    disk = _disk_of(engine.config.work_root)
+    write = ["dd", "if=/dev/zero", "of=iops", "bs=4k", "count=200", "oflag=direct"]
     rec = await engine.start("root", write, Limits(io=(IoLimit(disk, write_iops=50),)))
     done = await engine.wait("root", rec.id)
     assert done.exit_code == 0

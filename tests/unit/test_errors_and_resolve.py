@@ -16,6 +16,7 @@ from jobsvc.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from jobsvc.authz import Authz
 from jobsvc.manager import JobManager
 from jobsvc.server.interceptors import _map
 
@@ -52,9 +53,11 @@ def test_cancellation_passes_through() -> None:
     assert _map(asyncio.CancelledError(), FakeContext(), "m")[1] is None  # type: ignore[arg-type]
 
 
-def make_manager(ids_by_owner: dict[str, list[str]]) -> JobManager:
+def make_manager(ids_by_owner: dict[str, list[str]], admins: frozenset[str] = frozenset()) -> JobManager:
     m = JobManager.__new__(JobManager)
     m._by_owner = {owner: {i: SimpleNamespace(id=i) for i in ids} for owner, ids in ids_by_owner.items()}  # type: ignore[misc]
+    m._jobs = {i: j for jobs in m._by_owner.values() for i, j in jobs.items()}
+    m._authz = Authz(admins)
     return m
 
 
@@ -83,3 +86,13 @@ def test_not_found_reads_the_same_for_any_id() -> None:
             resolve(m, "alice", job_id)
         messages.add(str(e.value))
     assert len(messages) == 1
+
+
+def test_admins_resolve_every_job() -> None:
+    m = make_manager({"alice": ["abcd1111-x"], "bob": ["ffff0000-z"]}, admins=frozenset({"CN=ops"}))
+    assert resolve(m, "CN=ops", "abcd").id == "abcd1111-x"
+    assert resolve(m, "CN=ops", "ffff0000-z").id == "ffff0000-z"
+    with pytest.raises(NotFoundError):
+        resolve(m, "alice", "ffff")
+    assert Authz(frozenset({"CN=ops"})).may_act_on("CN=ops", "bob")
+    assert not Authz(frozenset({"CN=ops"})).may_act_on("alice", "bob")

@@ -25,6 +25,7 @@ def make_record(**kw: object) -> JobRecord:
         "limits": Limits(cpu=0.5, memory_bytes=64 << 20, pids=20, io=(IoLimit("254:0", write_bps=1 << 20),)),
         "usage": Usage(cpu_seconds=1.5, cpu_throttled_periods=4, memory_peak_bytes=1000),
         "output_bytes": 12,
+        "uid": 61184,
     }
     base.update(kw)
     return JobRecord(**base)  # type: ignore[arg-type]
@@ -66,6 +67,7 @@ def test_json_form_has_every_field_with_rfc3339_times() -> None:
             "io_write_bytes": None,
         },
         "output_bytes": 12,
+        "uid": 61184,
     }
 
 

@@ -1,0 +1,23 @@
+"""Who may act on which job. Pure: identities are certificate Subjects (RFC 4514 strings)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Authz:
+    """Owners act on their own jobs; operators named with `jobsvc serve --admin SUBJECT` act on every job."""
+
+    admins: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def with_admins(cls, subjects: Iterable[str]) -> Authz:
+        return cls(frozenset(subjects))
+
+    def is_admin(self, identity: str) -> bool:
+        return identity in self.admins
+
+    def may_act_on(self, identity: str, owner: str) -> bool:
+        return identity == owner or self.is_admin(identity)
