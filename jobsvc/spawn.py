@@ -225,6 +225,8 @@ def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
+        for fd in {null, out, err} - {0, 1, 2}:
+            os.close(fd)
         if msg["umask"] is not None:
             os.umask(msg["umask"])
         stage = "user"
@@ -326,7 +328,8 @@ def helper_main(sock_fd: int, server_pid: int) -> None:
                 while os.read(wake_r, 4096):
                     pass
         if sock.fileno() in ready:
-            msg_bytes, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 8)
+            # descriptors arriving by SCM_RIGHTS are inheritable unless asked otherwise
+            msg_bytes, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 8, socket.MSG_CMSG_CLOEXEC)
             if not msg_bytes:
                 return
             reply = _spawn(json.loads(msg_bytes), fds)

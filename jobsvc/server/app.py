@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc as pb_grpc
 from jobsvc.manager import EngineConfig, JobManager
+from jobsvc.server.audit import AuditLog
 from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
 from jobsvc.server.servicer import JobServicer
 from jobsvc.server.tls import server_credentials
@@ -42,12 +43,14 @@ class ListenError(RuntimeError):
     pass
 
 
-async def build_server(config: ServerConfig, manager: JobManager) -> tuple[aio.Server, int]:
+async def build_server(
+    config: ServerConfig, manager: JobManager, audit: AuditLog | None = None
+) -> tuple[aio.Server, int]:
     """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port)."""
     # The request cap sits above the argv cap, so an oversized argv reaches the engine and gets INVALID_ARGUMENT.
     max_request = max(4 << 20, 2 * config.engine.max_argv_bytes + (64 << 10))
     server = aio.server(
-        interceptors=[ErrorInterceptor(), IdentityInterceptor()],
+        interceptors=[ErrorInterceptor(audit), IdentityInterceptor()],
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length", max_request),
@@ -85,10 +88,12 @@ async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
     raise_fd_limit()
     manager = JobManager.open(config.engine)
+    audit = AuditLog(config.engine.state_dir / "audit.log")
     try:
-        server, port = await build_server(config, manager)
+        server, port = await build_server(config, manager, audit)
     except BaseException:
         await manager.shutdown(grace=0)
+        audit.close()
         raise
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
@@ -103,6 +108,7 @@ async def serve(config: ServerConfig) -> int:
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
     await manager.shutdown()
     await server.stop(grace=1.0)
+    audit.close()
     log.info("stopped")
     return 0
 

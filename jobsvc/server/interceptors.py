@@ -22,6 +22,8 @@ from jobsvc.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from jobsvc.model import display_arg
+from jobsvc.server.audit import AuditLog
 
 log = logging.getLogger("jobsvc.server")
 request_log = logging.getLogger("jobsvc.request")
@@ -54,40 +56,72 @@ def status_for(error: JobError) -> grpc.StatusCode:
 
 
 @functools.lru_cache(maxsize=1024)
-def _subject_from_pem(pem: bytes) -> str:
-    from cryptography import x509
+def _subject_from_pem(pem: bytes) -> str | None:
+    """The Subject of a certificate fit to identify a client, else None.
 
-    return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
+    TLS already verified the chain, the dates and (BoringSSL) an extended key usage without clientAuth. A CA
+    certificate carries no EKU and passes that check, but is never a user.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return None
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
+            return None
+    except x509.ExtensionNotFound:
+        pass
+    return cert.subject.rfc4514_string()
 
 
 def peer_identity(context: aio.ServicerContext) -> str | None:
     """The full Subject (RFC 4514) of the verified client certificate, or None.
 
     Parsed from the certificate grpc verified (x509_pem_cert): grpc's own x509_subject is in OpenSSL's print form,
-    whose order and escaping differ from RFC 4514, and identity must not depend on a library's formatting.
+    whose order and escaping differ from RFC 4514, and identity must not depend on a library's formatting. With
+    require_client_auth there is always a verified certificate; without one there is no identity.
     """
     auth = context.auth_context()
     pems = list(auth.get("x509_pem_cert") or ())
-    if pems:
-        return _subject_from_pem(pems[0])
-    subjects = list(auth.get("x509_subject") or ())
-    if subjects:
-        return str(subjects[0].decode())
-    return None
+    return _subject_from_pem(pems[0]) if pems else None
+
+
+class MalformedRequest:
+    """What a request that does not parse becomes, so that it is answered INVALID_ARGUMENT, not INTERNAL."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any parse failure is the client's malformed request
+            return MalformedRequest()
+
+    return parse
 
 
 def _rewrap(
     handler: grpc.RpcMethodHandler,
     unary: Callable[[Unary], Unary],
     streaming: Callable[[Streaming], Streaming],
+    tolerant: bool = False,
 ) -> grpc.RpcMethodHandler:
+    deserializer = _tolerant(handler.request_deserializer) if tolerant else handler.request_deserializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            unary(cast(Unary, handler.unary_unary)), handler.request_deserializer, handler.response_serializer
+            unary(cast(Unary, handler.unary_unary)), deserializer, handler.response_serializer
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            streaming(cast(Streaming, handler.unary_stream)), handler.request_deserializer, handler.response_serializer
+            streaming(cast(Streaming, handler.unary_stream)), deserializer, handler.response_serializer
         )
     return handler
 
@@ -131,8 +165,27 @@ class IdentityInterceptor(aio.ServerInterceptor):
 class ErrorInterceptor(aio.ServerInterceptor):
     """JobError -> its status with its message; anything else -> INTERNAL, generic, traceback in the log.
 
-    Also writes the one structured log line per request: identity, method, job id, outcome, duration.
+    Also writes the one structured line per request (identity, method, job id, argv for Start, outcome, duration,
+    peer) to the server log and to the audit log.
     """
+
+    def __init__(self, audit: AuditLog | None = None) -> None:
+        self._audit = audit
+
+    def _record(
+        self,
+        context: aio.ServicerContext,
+        method: str,
+        request: Any,
+        job_id: str | None,
+        outcome: str,
+        started: float,
+        **extra: Any,
+    ) -> None:
+        entry = _request_entry(context, method, request, job_id, outcome, started, **extra)
+        request_log.info(json.dumps(entry))
+        if self._audit is not None:
+            self._audit.write(entry)
 
     async def intercept_service(
         self,
@@ -149,6 +202,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 started = time.monotonic()
                 outcome, job_id = "OK", getattr(request, "id", "") or None
                 try:
+                    if isinstance(request, MalformedRequest):
+                        raise InvalidArgumentError("malformed request")
                     response = await behavior(request, context)
                     job_id = job_id or getattr(response, "id", None)
                     return response
@@ -158,7 +213,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
                         await context.abort(code, message)
                     raise
                 finally:
-                    _log_request(context, method, job_id, outcome, started)
+                    self._record(context, method, request, job_id, outcome, started)
 
             return call
 
@@ -167,6 +222,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 started = time.monotonic()
                 outcome, sent = "OK", 0
                 try:
+                    if isinstance(request, MalformedRequest):
+                        raise InvalidArgumentError("malformed request")
                     async for item in behavior(request, context):
                         sent += len(getattr(item, "data", b""))
                         yield item
@@ -176,11 +233,11 @@ class ErrorInterceptor(aio.ServerInterceptor):
                         await context.abort(code, message)
                     raise
                 finally:
-                    _log_request(context, method, getattr(request, "id", None), outcome, started, bytes=sent)
+                    self._record(context, method, request, getattr(request, "id", None), outcome, started, bytes=sent)
 
             return call
 
-        return _rewrap(handler, unary, streaming)
+        return _rewrap(handler, unary, streaming, tolerant=True)
 
 
 def _map(e: BaseException, context: aio.ServicerContext, method: str) -> tuple[str, grpc.StatusCode | None, str]:
@@ -199,22 +256,24 @@ def _map(e: BaseException, context: aio.ServicerContext, method: str) -> tuple[s
     return "INTERNAL", grpc.StatusCode.INTERNAL, "internal error"
 
 
-def _log_request(
-    context: aio.ServicerContext, method: str, job_id: str | None, outcome: str, started: float, **extra: Any
-) -> None:
-    if not request_log.isEnabledFor(logging.INFO):
-        return
+def _request_entry(
+    context: aio.ServicerContext,
+    method: str,
+    request: Any,
+    job_id: str | None,
+    outcome: str,
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
     try:
         who = _identity.get(None) or peer_identity(context)
     except Exception:
         who = None
-    entry = {
-        "identity": who,
-        "method": method.rsplit("/", 1)[-1],
-        "job_id": job_id,
-        "outcome": outcome,
-        "duration_ms": round((time.monotonic() - started) * 1000, 3),
-        "peer": context.peer(),
-        **extra,
-    }
-    request_log.info(json.dumps(entry))
+    name = method.rsplit("/", 1)[-1]
+    entry: dict[str, Any] = {"identity": who, "method": name, "job_id": job_id}
+    if name == "Start":
+        entry["argv"] = [display_arg(a) for a in getattr(request, "argv", ())]
+    entry.update(
+        outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 3), peer=context.peer(), **extra
+    )
+    return entry

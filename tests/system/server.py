@@ -52,6 +52,8 @@ def make_pki(directory: Path) -> Pki:
     extra = {
         "mallory": pki.issue(impostor, "alice"),
         "expired": pki.issue(ca, "alice", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)),
+        "notyet": pki.issue(ca, "alice", not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=30)),
+        "carol": pki.issue(ca, "carol"),
         "alice-acme": pki.issue(ca, pki.name("alice", "Acme")),
         "alice-globex": pki.issue(ca, pki.name("alice", "Globex")),
     }
@@ -116,7 +118,7 @@ class Server:
         return code
 
 
-def start_server(tmp: Path, keys: Pki, *args: str) -> Server:
+def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = None) -> Server:
     state = tmp / "state"
     log_path = tmp / "server.log"
     # jobs' working directories must be enterable by their own uids, so not under pytest's private tmp
@@ -140,6 +142,7 @@ def start_server(tmp: Path, keys: Pki, *args: str) -> Server:
             *args,
         ],
         stdout=subprocess.PIPE,
+        env=env,
         stderr=log_path.open("wb"),
     )
     assert proc.stdout is not None

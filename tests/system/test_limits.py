@@ -7,7 +7,6 @@ run with an unlimited control in the same test; they prove the limit, they are n
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest

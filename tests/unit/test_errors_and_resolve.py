@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from jobsvc.authz import Authz
 from jobsvc.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -16,7 +17,6 @@ from jobsvc.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from jobsvc.authz import Authz
 from jobsvc.manager import JobManager
 from jobsvc.server.interceptors import _map
 

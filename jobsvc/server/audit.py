@@ -1,0 +1,30 @@
+"""The audit log: one JSON line per call in <state dir>/audit.log, append-only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jobsvc.job import utc_now
+from jobsvc.model import format_time
+
+
+class AuditLog:
+    """Who did what, when, with which outcome. Each line is one os.write on an O_APPEND file (no interleaving)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({"time": format_time(utc_now()), **entry}, separators=(",", ":")) + "\n"
+        with contextlib.suppress(OSError):  # a full disk must not fail the call; the server log has the line too
+            os.write(self._fd, line.encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,272 @@
+"""Attacks on a real server over real sockets: TLS policy, certificates, identity, job isolation, quotas, audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobsvc._pb import jobs_pb2 as pb
+from jobsvc._pb import jobs_pb2_grpc
+from tests.system.conftest import processes_in_cgroup_named
+from tests.system.server import Pki, Server, start_server
+
+PY = "/usr/bin/python3"
+MARKER = "JOBSVC_SERVER_SECRET_MARKER"
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory, keys: Pki) -> Iterator[Server]:
+    """A server with an admin (carol) and a marker in its own environment that no job may see."""
+    env = {**os.environ, MARKER: "do-not-leak"}
+    srv = start_server(tmp_path_factory.mktemp("hardened"), keys, "--admin", "CN=carol", env=env)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+    shutil.rmtree(srv.work_root, ignore_errors=True)
+
+
+def first_line(server: Server, job_id: str, user: str = "alice") -> bytes:
+    for msg in server.stub(user).Stream(pb.StreamRequest(id=job_id)):
+        return msg.data.split(b"\n")[0]
+    raise AssertionError("no output")
+
+
+def output(server: Server, job_id: str, user: str = "alice") -> bytes:
+    return b"".join(m.data for m in server.stub(user).Stream(pb.StreamRequest(id=job_id)))
+
+
+# -- TLS policy --------------------------------------------------------------------------------------------------
+
+
+def _tls(server: Server, version: ssl.TLSVersion, ciphers: str = "ALL", user: str = "alice") -> str | None:
+    """Handshake with a raw ssl client; the negotiated cipher, or None when the server refused."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ctx.maximum_version = version
+    ctx.set_ciphers(ciphers + ":@SECLEVEL=0")  # let OpenSSL really offer what we ask for
+    ctx.load_verify_locations(str(server.pki.ca))
+    ctx.load_cert_chain(str(server.pki.cert(user)), str(server.pki.key(user)))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # a client certificate is checked by now
+                tls.recv(1)
+                return tls.cipher()[0]  # type: ignore[index]
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            return None
+
+
+ALLOWED = ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]
+
+
+@pytest.mark.parametrize("suite", ALLOWED)
+def test_tls12_allows_the_ecdhe_aead_suites(server: Server, suite: str) -> None:
+    assert _tls(server, ssl.TLSVersion.TLSv1_2, suite) == suite
+
+
+@pytest.mark.parametrize(
+    "suite",
+    [
+        "ECDHE-ECDSA-AES128-SHA",  # CBC with SHA1
+        "ECDHE-ECDSA-AES256-SHA384",  # CBC
+        "ECDHE-ECDSA-AES128-SHA256",  # CBC
+        "AES128-GCM-SHA256",  # RSA key exchange, no forward secrecy
+        "AES256-SHA",  # RSA key exchange, CBC, SHA1
+        "ECDHE-RSA-AES128-GCM-SHA256",  # needs an RSA certificate the server must not have
+    ],
+)
+def test_tls12_refuses_weak_suites_with_a_positive_control(server: Server, suite: str) -> None:
+    assert _tls(server, ssl.TLSVersion.TLSv1_2, ALLOWED[1]) == ALLOWED[1]  # same client code, allowed suite
+    assert _tls(server, ssl.TLSVersion.TLSv1_2, suite) is None
+
+
+def test_tls13_works(server: Server) -> None:
+    assert _tls(server, ssl.TLSVersion.TLSv1_3) is not None
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_tls_1_0_and_1_1_are_refused(server: Server, version: ssl.TLSVersion) -> None:
+    assert _tls(server, ssl.TLSVersion.TLSv1_2) is not None
+    assert _tls(server, version) is None
+
+
+# -- client certificates -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cert", "key"),
+    [
+        ("notyet.pem", "notyet-key.pem"),  # not yet valid
+        ("server.pem", "server-key.pem"),  # the server's own certificate: EKU serverAuth only
+        ("ca.pem", "ca-key.pem"),  # the CA itself is no client
+    ],
+)
+def test_certificates_unfit_for_a_client_are_refused(server: Server, cert: str, key: str) -> None:
+    d = server.pki.dir
+    creds = grpc.ssl_channel_credentials(server.pki.ca.read_bytes(), (d / key).read_bytes(), (d / cert).read_bytes())
+    stub = jobs_pb2_grpc.JobServiceStub(grpc.secure_channel(server.target, creds))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.List(pb.ListRequest(), timeout=10)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+    assert server.stub().List(pb.ListRequest()) is not None  # the server still serves good clients
+
+
+# -- jobs run with least privilege -------------------------------------------------------------------------------
+
+
+def test_each_job_runs_as_its_own_unprivileged_user(hardened: Server) -> None:
+    stub = hardened.stub()
+    a = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo $(id -u) $(id -G); sleep 1000"]))
+    b = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo $(id -u) $(id -G); sleep 1000"]))
+    uid_a, *groups_a = first_line(hardened, a.id).split()
+    uid_b, *groups_b = first_line(hardened, b.id).split()
+    assert uid_a != b"0" and uid_b != b"0" and uid_a != uid_b
+    assert 61184 <= int(uid_a) <= 65519 and 61184 <= int(uid_b) <= 65519
+    assert groups_a == [uid_a] and groups_b == [uid_b]  # supplementary groups dropped, own gid only
+    assert stub.Get(pb.GetRequest(id=a.id)).uid == int(uid_a)
+    for job in (a, b):
+        stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0))
+
+
+def test_a_job_cannot_signal_another_users_job(hardened: Server) -> None:
+    victim = hardened.stub("bob").Start(pb.StartRequest(argv=[b"sleep", b"1000"]))
+    script = (
+        f"import os\ntry:\n    os.kill({victim.pid}, 9)\n    print('killed')\n"
+        "except PermissionError:\n    print('EPERM')\n"
+    )
+    attacker = hardened.stub().Start(pb.StartRequest(argv=[PY.encode(), b"-c", script.encode()]))
+    assert output(hardened, attacker.id) == b"EPERM\n"
+    assert hardened.stub("bob").Get(pb.GetRequest(id=victim.id)).status == pb.JOB_STATUS_RUNNING
+    hardened.stub("bob").Stop(pb.StopRequest(id=victim.id, grace_seconds=0))
+
+
+def test_a_job_cannot_read_the_servers_private_key(hardened: Server) -> None:
+    key = hardened.pki.dir / "server-key.pem"
+    job = hardened.stub().Start(pb.StartRequest(argv=[b"cat", str(key).encode()]))
+    out = output(hardened, job.id)
+    done = hardened.stub().Wait(pb.GetRequest(id=job.id))
+    assert done.exit_code != 0 and b"PRIVATE KEY" not in out and b"Permission denied" in out
+
+
+def test_a_job_sees_only_stdio_and_none_of_the_servers_environment(hardened: Server) -> None:
+    probe = (
+        "import json, os\n"
+        "fds = []\n"
+        "for fd in range(0, 1024):\n"
+        "    try:\n"
+        "        os.fstat(fd)\n"
+        "        fds.append(fd)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(json.dumps({'fds': fds, 'env': dict(os.environ), 'cwd': os.getcwd(), 'umask': os.umask(0)}))\n"
+    )
+    job = hardened.stub().Start(pb.StartRequest(argv=[PY.encode(), b"-S", b"-c", probe.encode()]))
+    seen = json.loads(output(hardened, job.id))
+    assert seen["fds"] == [0, 1, 2]
+    assert MARKER not in seen["env"]
+    assert set(seen["env"]) == {"PATH", "LANG", "HOME"}
+    workdir = str(hardened.work_root / job.id)
+    assert seen["env"]["HOME"] == seen["cwd"] == workdir
+    assert seen["umask"] == 0o077
+    st = os.stat(workdir)
+    assert (st.st_uid, st.st_mode & 0o777) == (hardened.stub().Get(pb.GetRequest(id=job.id)).uid, 0o700)
+    stdin = hardened.stub().Start(pb.StartRequest(argv=[b"readlink", b"/proc/self/fd/0"]))
+    assert output(hardened, stdin.id) == b"/dev/null\n"
+
+
+def test_a_setuid_root_binary_does_not_raise_privileges(hardened: Server) -> None:
+    suid = hardened.work_root / "suid-id"
+    shutil.copy("/usr/bin/id", suid)
+    os.chown(suid, 0, 0)
+    os.chmod(suid, 0o4755)
+    # control: without no_new_privs the bit works on this filesystem (nobody becomes euid 0)
+    control = subprocess.run([suid, "-u"], user=65534, capture_output=True, text=True, check=True)
+    assert control.stdout.strip() == "0"
+    job = hardened.stub().Start(pb.StartRequest(argv=[str(suid).encode(), b"-u"]))
+    uid = hardened.stub().Get(pb.GetRequest(id=job.id)).uid
+    assert output(hardened, job.id) == f"{uid}\n".encode()
+
+
+# -- authorization -------------------------------------------------------------------------------------------------
+
+
+def test_an_admin_may_act_on_every_job_and_a_user_may_not(hardened: Server) -> None:
+    job = hardened.stub("alice").Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo secret-output; sleep 1000"]))
+    carol, bob = hardened.stub("carol"), hardened.stub("bob")
+    assert carol.Get(pb.GetRequest(id=job.id)).owner == "CN=alice"
+    assert job.id in [j.id for j in carol.List(pb.ListRequest()).jobs]
+    assert first_line(hardened, job.id, user="carol") == b"secret-output"
+    for call, req in [(bob.Get, pb.GetRequest(id=job.id)), (bob.Stop, pb.StopRequest(id=job.id))]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(req)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert job.id not in [j.id for j in bob.List(pb.ListRequest()).jobs]
+    assert carol.Stop(pb.StopRequest(id=job.id, grace_seconds=0)).status == pb.JOB_STATUS_STOPPED
+    assert processes_in_cgroup_named(job.id) == []
+
+
+# -- quotas --------------------------------------------------------------------------------------------------------
+
+
+def test_quotas_bound_each_user_and_the_server(tmp_path: Path, keys: Pki) -> None:
+    srv = start_server(
+        tmp_path, keys, "--max-running-per-user", "2", "--max-running-total", "3", "--max-streams-per-user", "2"
+    )
+    try:
+        alice, bob = srv.stub("alice"), srv.stub("bob")
+        sleep = pb.StartRequest(argv=[b"sleep", b"1000"])
+        a1, a2 = alice.Start(sleep), alice.Start(sleep)
+        with pytest.raises(grpc.RpcError) as err:
+            alice.Start(sleep)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per user" in err.value.details()
+        b1 = bob.Start(sleep)  # bob is not held back by alice's quota
+        with pytest.raises(grpc.RpcError) as err:
+            bob.Start(sleep)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "on this server" in err.value.details()
+        # streams: two live ones per user
+        s1 = alice.Stream(pb.StreamRequest(id=a1.id))
+        s2 = alice.Stream(pb.StreamRequest(id=a2.id))
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as err:
+            list(alice.Stream(pb.StreamRequest(id=a1.id)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in err.value.details()
+        bob_stream = bob.Stream(pb.StreamRequest(id=b1.id))  # everyone else is still served
+        assert bob.Get(pb.GetRequest(id=b1.id)).status == pb.JOB_STATUS_RUNNING
+        for s in (s1, s2, bob_stream):
+            s.cancel()
+        alice.Stop(pb.StopRequest(id=a1.id, grace_seconds=0))
+        a3 = alice.Start(sleep)  # a freed slot is usable again
+        for job, stub in ((a2, alice), (a3, alice), (b1, bob)):
+            stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0))
+    finally:
+        assert srv.stop() == 0
+        shutil.rmtree(srv.work_root, ignore_errors=True)
+
+
+# -- audit ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_call_is_in_the_audit_log(hardened: Server) -> None:
+    stub = hardened.stub("bob")
+    job = stub.Start(pb.StartRequest(argv=[b"echo", b"audited \xff"]))
+    stub.Wait(pb.GetRequest(id=job.id))
+    with pytest.raises(grpc.RpcError):
+        stub.Get(pb.GetRequest(id="not-a-job"))
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in (hardened.state_dir / "audit.log").read_text().splitlines()]
+    start = next(e for e in lines if e["method"] == "Start" and e["job_id"] == job.id)
+    assert start["identity"] == "CN=bob" and start["argv"] == ["echo", "audited \\xff"] and start["outcome"] == "OK"
+    assert start["time"].endswith("Z") and start["peer"].startswith("ipv4:127.0.0.1:")
+    assert any(e["method"] == "Wait" and e["job_id"] == job.id for e in lines)
+    assert any(e["method"] == "Get" and e["job_id"] == "not-a-job" and e["outcome"] == "NOT_FOUND" for e in lines)
+    assert oct(os.stat(hardened.state_dir / "audit.log").st_mode & 0o777) == oct(0o600)
