@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from jobsvc.errors import InvalidArgumentError
-from jobsvc.limits import LimitPolicy, parse_cpu, parse_size
+from jobsvc.limits import LimitPolicy, parse_cpu, parse_duration, parse_size
 from jobsvc.model import Limits
 
 
@@ -20,6 +20,18 @@ class _Size(click.ParamType):
             return value
         try:
             return parse_size(str(value), param.name if param and param.name else "size")
+        except InvalidArgumentError as e:
+            self.fail(e.message, param, ctx)
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value), param.name if param and param.name else "duration")
         except InvalidArgumentError as e:
             self.fail(e.message, param, ctx)
 
@@ -37,7 +49,7 @@ class _Cpu(click.ParamType):
         return cpu
 
 
-SIZE, CPUS = _Size(), _Cpu()
+SIZE, CPUS, DURATION = _Size(), _Cpu(), _Duration()
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -111,6 +123,34 @@ def main() -> None:
 @click.option("--max-running-total", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--max-streams-per-user", default=512, show_default=True, type=click.IntRange(1))
 @click.option(
+    "--max-output",
+    default="1G",
+    show_default=True,
+    type=SIZE,
+    help="Output kept per job; past it the oldest output is dropped (the job is never blocked).",
+)
+@click.option(
+    "--max-total-output",
+    default="10G",
+    show_default=True,
+    type=SIZE,
+    help="Output kept in the state dir; past it the oldest ended jobs are removed first.",
+)
+@click.option(
+    "--keep-finished",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Ended jobs kept per user (records, output, working dirs); the oldest go first.",
+)
+@click.option(
+    "--keep-finished-for",
+    default="7d",
+    show_default=True,
+    type=DURATION,
+    help="How long an ended job is kept (e.g. 12h, 7d).",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -136,6 +176,10 @@ def serve(
     max_running_per_user: int,
     max_running_total: int,
     max_streams_per_user: int,
+    max_output: int,
+    max_total_output: int,
+    keep_finished: int,
+    keep_finished_for: float,
     log_level: str,
 ) -> None:
     """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
@@ -144,6 +188,7 @@ def serve(
     from jobsvc.manager import EngineConfig
     from jobsvc.server.app import ListenError, ServerConfig, configure_logging, run
     from jobsvc.server.tls import CredentialsError
+    from jobsvc.store import StateDirError
 
     configure_logging(log_level)
     policy = LimitPolicy(
@@ -161,11 +206,15 @@ def serve(
         max_running_per_user=max_running_per_user,
         max_running_total=max_running_total,
         max_streams_per_user=max_streams_per_user,
+        max_output_bytes=max_output,
+        max_total_output_bytes=max_total_output,
+        keep_finished_per_user=keep_finished,
+        keep_finished_seconds=keep_finished_for,
     )
     config = ServerConfig(engine=engine, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key, listen=listen)
     try:
         code = run(config)
-    except (CgroupSetupError, ListenError, CredentialsError, PermissionError, InvalidArgumentError) as e:
+    except (CgroupSetupError, ListenError, CredentialsError, PermissionError, InvalidArgumentError, StateDirError) as e:
         click.echo(f"jobsvc: {e}", err=True)
         sys.exit(1)
     sys.exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import logging
@@ -88,6 +89,7 @@ class Job:
         output: OutputLog,
         clock: Clock = utc_now,
         uid: int | None = None,
+        persist: Callable[[JobRecord], None] | None = None,
     ) -> None:
         self.id = job_id
         self.owner = owner
@@ -96,6 +98,7 @@ class Job:
         self.group = group
         self.output = output
         self._clock = clock
+        self._persist = persist
         self.status = JobStatus.RUNNING
         self.started_at = clock()
         self.ended_at: dt.datetime | None = None
@@ -112,6 +115,24 @@ class Job:
         self._supervisor: asyncio.Task[None] | None = None
         self._open_pipes: set[int] = set()
         self._pipes_done = asyncio.Event()
+
+    @classmethod
+    def restore(cls, record: JobRecord, group: JobGroup, output: OutputLog) -> Job:
+        """An ended job read back from the state dir (its output stays streamable)."""
+        if not record.status.ended:
+            raise ValueError("only ended jobs can be restored")
+        job = cls(record.id, record.owner, record.command, record.limits, group, output, uid=record.uid)
+        job.started_at, job.ended_at, job.pid = record.started_at, record.ended_at, record.pid
+        job.status, job.reason, job.oom_killed, job.usage = (
+            record.status,
+            record.reason,
+            record.oom_killed,
+            record.usage,
+        )
+        job.exit = ExitInfo(record.exit_code, record.signal)
+        output.lost_bytes = max(output.lost_bytes, record.output_lost_bytes)
+        job._ended.set()
+        return job
 
     # -- state ------------------------------------------------------------------------------------------------------
 
@@ -138,6 +159,8 @@ class Job:
             usage=usage,
             output_bytes=self.output.size,
             uid=self.uid,
+            output_dropped_bytes=self.output.start,
+            output_lost_bytes=self.output.lost_bytes,
         )
 
     @property
@@ -234,12 +257,14 @@ class Job:
         self.oom_killed = oom_kills > 0
         self.ended_at = self._clock()
         if self._stop_reason is not None:
-            self.reason = self._stop_reason
-            self._transition(JobStatus.STOPPED)
+            self.reason, final = self._stop_reason, JobStatus.STOPPED
         else:
-            self.reason = "oom" if self.oom_killed else None
-            self._transition(JobStatus.FINISHED)
+            self.reason, final = ("oom" if self.oom_killed else None), JobStatus.FINISHED
+        # The final record reaches the disk before any client can see it: what was said survives a crash.
+        if self._persist is not None:
+            self._persist(dataclasses.replace(self.record(), status=final, usage=self.usage))
         # Status, log end and the ended event change together: a reader that sees the stream end sees the status.
+        self._transition(final)
         self.output.close()
         self._ended.set()
 

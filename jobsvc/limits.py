@@ -168,3 +168,18 @@ def resolve_devices(limits: Limits) -> Limits:
     return dataclasses.replace(
         limits, io=tuple(dataclasses.replace(io, device=resolve_device(io.device)) for io in limits.io)
     )
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Seconds from '90', '90s', '1.5m', '2h', '7d', '250ms'; positive."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise InvalidArgumentError(f"{what}: cannot parse {text!r} (want e.g. 90s, 5m, 2h, 7d)")
+    seconds = float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+    if not 0 < seconds < 10 * 365 * 86400:
+        raise InvalidArgumentError(f"{what}: {text!r} is out of range")
+    return seconds

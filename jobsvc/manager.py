@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -18,8 +20,9 @@ from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, Unavaila
 from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
-from jobsvc.output import Chunk, OutputLog
+from jobsvc.output import Chunk, OutputLog, segment_size_for
 from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
+from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
 from jobsvc.users import DYNAMIC_RANGE, JobUser, UidPool, named_user
 
@@ -51,6 +54,12 @@ class EngineConfig:
     max_running_per_user: int = 128
     max_running_total: int = 512
     max_streams_per_user: int = 512
+    max_output_bytes: int | None = 1 << 30  # per job; the oldest output is dropped past it
+    max_total_output_bytes: int | None = 10 << 30  # the whole state dir
+    keep_finished_per_user: int | None = 1000
+    keep_finished_seconds: float | None = 7 * 24 * 3600.0
+    min_free_bytes: int = 8 << 20  # Start is refused when the state dir's disk has less free
+    janitor_interval: float = 2.0
 
 
 def check_argv(argv: Iterable[bytes | str], max_bytes: int, max_argc: int) -> tuple[bytes, ...]:
@@ -97,6 +106,9 @@ class JobManager:
         self._streams: dict[str, int] = {}
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unsaved: dict[str, JobRecord] = {}
+        self._janitor: asyncio.Task[None] | None = None
+        self.skipped: list[tuple[str, str]] = []  # state-dir entries reconcile() could not read
 
     @classmethod
     def open(cls, config: EngineConfig, driver: CgroupDriver | None = None) -> JobManager:
@@ -108,6 +120,46 @@ class JobManager:
             driver = detect(store.instance_id())
         spawner = Spawner.launch()
         return cls(config, driver, spawner, store)
+
+    async def reconcile(self) -> None:
+        """Take over the state dir after a restart or crash, then start the janitor.
+
+        Jobs recorded as running are killed (their groups emptied and removed) and marked stopped, reason "server
+        restarted"; their output stays streamable. Groups of this instance with no record are emptied and removed.
+        Other instances' groups are never touched, and unreadable records are reported and left in place.
+        """
+        records, self.skipped = self._store.load_all()
+        for name, why in self.skipped:
+            if why.startswith("no record.json"):
+                log.info("removing %s: a start that was never acknowledged", name)
+                self._store.remove(name)
+            else:
+                log.warning("state dir: skipping %s: %s", name, why)
+        known = set()
+        for record in records:
+            known.add(record.id)
+            group = self._driver.open(record.id)
+            if not record.status.ended:
+                await kill_group(group)
+                await destroy_group(group)
+                record = dataclasses.replace(
+                    record, status=JobStatus.STOPPED, reason="server restarted", ended_at=self._clock()
+                )
+                self._save(record)
+            output = OutputLog.recover(self._store.output_dir(record.id))
+            self._add(Job.restore(record, group, output))
+        for orphan in set(self._driver.existing()) - known:
+            log.warning("removing cgroup of unknown job %s", orphan)
+            group = self._driver.open(orphan)
+            await kill_group(group)
+            await destroy_group(group)
+        if records or self.skipped:
+            log.info("state dir: %d jobs restored, %d entries skipped", len(records), len(self.skipped))
+        self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
+
+    def _add(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        self._by_owner.setdefault(job.owner, {})[job.id] = job
 
     @property
     def instance_groups(self) -> list[Path]:
@@ -152,6 +204,7 @@ class JobManager:
         args = check_argv(argv, self.config.max_argv_bytes, self.config.max_argc)
         limits = validate(resolve_devices(limits or Limits()), self.config.policy)
         self._check_job_quota(owner)
+        self._check_disk()
         job_id = str(uuid.uuid4())
         user = self._fixed_user or self._uids.acquire()
         try:
@@ -164,7 +217,8 @@ class JobManager:
         out_r = out_w = err_r = err_w = -1
         output: OutputLog | None = None
         try:
-            output = OutputLog(self._store.output_dir(job_id))
+            max_out = self.config.max_output_bytes
+            output = OutputLog(self._store.output_dir(job_id), segment_size_for(max_out), max_out)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             request = SpawnRequest(
@@ -176,7 +230,7 @@ class JobManager:
                 gid=user.gid,
                 umask=JOB_UMASK,
             )
-            job = Job(job_id, owner, args, limits, group, output, self._clock, uid=user.uid)
+            job = Job(job_id, owner, args, limits, group, output, self._clock, uid=user.uid, persist=self._save)
             try:
                 pid, exit_status = await self._spawner.spawn(request, out_w, err_w)
             except SpawnError as e:
@@ -187,7 +241,9 @@ class JobManager:
                 out_w = err_w = -1
             job.attach(pid, exit_status, out_r, err_r)
             out_r = err_r = -1
-        except BaseException:
+            record = job.record()
+            self._store.save(record)  # acknowledged only once it is on disk
+        except BaseException as e:
             for fd in (out_r, out_w, err_r, err_w):
                 if fd >= 0:
                     os.close(fd)
@@ -198,27 +254,34 @@ class JobManager:
             self._store.remove(job_id)
             self._remove_workdir(job_id)
             self._release_user(user)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhaustedError(
+                    "the server's state directory is full; no new jobs until space returns"
+                ) from None
             raise
-        self._jobs[job_id] = job
-        self._by_owner.setdefault(owner, {})[job_id] = job
+        self._add(job)
         self._users[job_id] = user
         self._running[owner] = self._running.get(owner, 0) + 1
-        record = job.record()
-        self._store.save(record)
-        task = asyncio.get_running_loop().create_task(self._persist_end(job))
+        task = asyncio.get_running_loop().create_task(self._on_end(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return record
 
-    async def _persist_end(self, job: Job) -> None:
-        record = await job.wait()
+    async def _on_end(self, job: Job) -> None:
+        await job.wait()
         # The group is empty, so no process holds the uid any more.
         self._release_user(self._users.pop(job.id))
         self._running[job.owner] -= 1
+
+    def _save(self, record: JobRecord) -> None:
+        """Write a record; if the disk refuses, keep it to retry (the janitor does) rather than fail the job."""
         try:
             self._store.save(record)
-        except OSError:
-            log.exception("job %s: could not save its final record", job.id)
+            self._unsaved.pop(record.id, None)
+        except OSError as e:
+            if record.id not in self._unsaved:
+                log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
+            self._unsaved[record.id] = record
 
     async def stop(self, owner: str, job_id: str, grace: float | None = None) -> JobRecord:
         """Stop the whole job (SIGTERM, SIGKILL after grace); an ended job's record comes back unchanged."""
@@ -253,6 +316,72 @@ class JobManager:
             self._streams[owner] -= 1
             await chunks.aclose()  # type: ignore[attr-defined]
 
+    # -- storage ----------------------------------------------------------------------------------------------------
+
+    def _check_disk(self) -> None:
+        try:
+            st = os.statvfs(self._store.root)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize < self.config.min_free_bytes:
+            raise ResourceExhaustedError("the server's state directory is full; no new jobs until space returns")
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.janitor_interval)
+            try:
+                self.collect_garbage()
+            except Exception:
+                log.exception("janitor failed")
+
+    def collect_garbage(self) -> None:
+        """Retry unsaved records; apply retention (per-user count, age, total output), oldest ended jobs first."""
+        for record in list(self._unsaved.values()):
+            job = self._jobs.get(record.id)
+            self._save(job.record() if job is not None and job.ended else record)
+        cfg = self.config
+        now = self._clock()
+        ended = sorted((j for j in self._jobs.values() if j.ended), key=lambda j: j.ended_at or now)
+        doomed: dict[str, Job] = {}
+        if cfg.keep_finished_seconds is not None:
+            for j in ended:
+                if j.ended_at is not None and (now - j.ended_at).total_seconds() > cfg.keep_finished_seconds:
+                    doomed[j.id] = j
+        if cfg.keep_finished_per_user is not None:
+            by_owner: dict[str, list[Job]] = {}
+            for j in ended:
+                by_owner.setdefault(j.owner, []).append(j)
+            for jobs in by_owner.values():
+                for j in jobs[: max(0, len(jobs) - cfg.keep_finished_per_user)]:
+                    doomed[j.id] = j
+        if cfg.max_total_output_bytes is not None:
+            total = sum(j.output.size - j.output.start for j in self._jobs.values() if j.id not in doomed)
+            for j in ended:
+                if total <= cfg.max_total_output_bytes:
+                    break
+                if j.id not in doomed:
+                    doomed[j.id] = j
+                    total -= j.output.size - j.output.start
+            while total > cfg.max_total_output_bytes:  # only running jobs are left: drop their oldest output
+                live = [j for j in self._jobs.values() if not j.ended]
+                freed = max((j.output for j in live), key=lambda o: o.size - o.start, default=None)
+                dropped = freed.drop_oldest_segment() if freed is not None else 0
+                if not dropped:
+                    break
+                total -= dropped
+        for j in doomed.values():
+            if j.output.readers == 0:  # a job being streamed is removed on a later round
+                self._remove(j)
+
+    def _remove(self, job: Job) -> None:
+        """Forget an ended job: its record, output and working directory."""
+        self._jobs.pop(job.id, None)
+        self._by_owner.get(job.owner, {}).pop(job.id, None)
+        self._unsaved.pop(job.id, None)
+        job.output.close()
+        self._store.remove(job.id)
+        self._remove_workdir(job.id)
+
     # -- helpers ----------------------------------------------------------------------------------------------------
 
     def _check_job_quota(self, owner: str) -> None:
@@ -277,10 +406,16 @@ class JobManager:
     async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> None:
         """Stop every running job and the spawn helper; remove this instance's groups."""
         self._closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
         g = self.config.default_grace if grace is None else grace
         running = [j for j in self._jobs.values() if not j.ended]
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # the final records reach the disk
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for record in list(self._unsaved.values()):
+            self._save(record)
         self._spawner.close()
         with contextlib.suppress(OSError):
             self._driver.remove_instance()

@@ -123,6 +123,8 @@ class JobRecord:
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
     uid: int | None = None  # the Unix user the job runs as
+    output_dropped_bytes: int = 0  # oldest output removed by retention (the first retained offset)
+    output_lost_bytes: int = 0  # output that could not be stored (state dir's disk full)
 
     def to_dict(self) -> dict[str, Any]:
         """The one JSON form of a job (what `jobctl --json` prints)."""
@@ -142,6 +144,8 @@ class JobRecord:
             "usage": self.usage.to_dict(),
             "output_bytes": self.output_bytes,
             "uid": self.uid,
+            "output_dropped_bytes": self.output_dropped_bytes,
+            "output_lost_bytes": self.output_lost_bytes,
         }
 
     def to_json(self, indent: int | None = 2) -> str:

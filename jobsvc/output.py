@@ -3,6 +3,7 @@
 Layout of a log directory:
   <segment number>.seg  raw output bytes; segment k holds global offsets [k * S, (k + 1) * S)
   index                 16-byte records (offset of a run's first byte, fd), one per change of stream
+  segment-size          the segment size S, so a restarted server can read the log back
 The bytes live in the page cache, not in the server: readers hold only an offset (memory does not grow with output),
 and the writer never waits for a reader. Retention can drop whole old segments without touching live ones.
 """
@@ -31,13 +32,29 @@ class Chunk:
     data: bytes
 
 
-class OutputLog:
-    """A job's output; write with append()/splice_from() then notify(); read with follow()."""
+def segment_size_for(max_bytes: int | None) -> int:
+    """Segments small enough that retention drops at most an eighth of a capped log at a time."""
+    if max_bytes is None:
+        return SEGMENT_SIZE
+    return max(64 * 1024, min(SEGMENT_SIZE, (max_bytes // 8) // 4096 * 4096))
 
-    def __init__(self, directory: Path, segment_size: int = SEGMENT_SIZE) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+
+class OutputLog:
+    """A job's output; write with append()/splice_from() then notify(); read with follow().
+
+    With max_bytes set, the oldest whole segments are dropped once more than max_bytes are retained: the job is
+    never blocked, and readers that fall behind skip to the oldest retained byte (the chunk offsets show the gap).
+    """
+
+    def __init__(
+        self, directory: Path, segment_size: int = SEGMENT_SIZE, max_bytes: int | None = None, create: bool = True
+    ) -> None:
         self._dir = directory
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "segment-size").write_text(f"{segment_size}\n")
         self._seg_size = segment_size
+        self._max_bytes = max_bytes
         self._index_fd = -1
         self._size = 0
         self._start = 0  # oldest retained byte
@@ -63,6 +80,48 @@ class OutputLog:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def readers(self) -> int:
+        return self._readers
+
+    @classmethod
+    def recover(cls, directory: Path) -> OutputLog:
+        """A closed log read back from disk after a restart or crash (a torn last index record is ignored)."""
+        try:
+            seg_size = int((directory / "segment-size").read_text())
+        except (OSError, ValueError):
+            seg_size = SEGMENT_SIZE
+        log = cls(directory, seg_size, create=False)
+        numbers = sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
+        if numbers:
+            # keep the newest contiguous run of segments
+            first = numbers[-1]
+            while first - 1 in numbers:
+                first -= 1
+            log._start = first * seg_size
+            log._size = numbers[-1] * seg_size + log._segment_path(numbers[-1]).stat().st_size
+        try:
+            index = (directory / "index").read_bytes()
+        except OSError:
+            index = b""
+        runs = [_RUN.unpack_from(index, i) for i in range(0, len(index) - _RUN.size + 1, _RUN.size)]
+        runs = [(start, fd) for start, fd in runs if start <= log._size]
+        if not runs and log._size:
+            runs = [(0, STDOUT)]
+            os.write(log._index(), _RUN.pack(0, STDOUT))
+        log._runs = len(runs)
+        if runs:
+            log._last_run_start, log._last_fd = runs[-1]
+        log._closed = True
+        return log
+
+    def remove_files(self) -> None:
+        """Delete the log from disk (retention)."""
+        self._close_files()
+        for p in self._dir.glob("*"):
+            p.unlink(missing_ok=True)
+        self._dir.rmdir()
 
     # -- writer -----------------------------------------------------------------------------------------------------
 
@@ -115,10 +174,30 @@ class OutputLog:
         return n
 
     def notify(self) -> None:
-        """Wake every waiting reader (once per batch of appends, not per chunk)."""
+        """Wake every waiting reader (once per batch of appends, not per chunk), after applying retention."""
+        if self._max_bytes is not None and self._size - self._start > self._max_bytes:
+            self._drop_to(self._size - self._max_bytes)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _drop_to(self, offset: int) -> None:
+        """Delete whole segments so that the oldest retained byte is at or after offset (never the live one)."""
+        first_kept = min(-(-offset // self._seg_size), self._size // self._seg_size)
+        for k in range(self._start // self._seg_size, first_kept):
+            fd = self._read_fds.pop(k, None)
+            if fd is not None:
+                os.close(fd)
+            self._segment_path(k).unlink(missing_ok=True)
+        self._start = max(self._start, first_kept * self._seg_size)
+
+    def drop_oldest_segment(self) -> int:
+        """Free the oldest segment (a state-dir-wide cap); the bytes dropped."""
+        if self._size // self._seg_size <= self._start // self._seg_size:
+            return 0
+        before = self._start
+        self._drop_to(self._start + 1)
+        return self._start - before
 
     def close(self) -> None:
         """No more output: readers end after the last byte."""
@@ -179,6 +258,8 @@ class OutputLog:
             pos = max(from_offset, self._start)
             run_fd, run_end = 0, 0
             while True:
+                if pos < self._start:  # retention dropped what this reader had not read yet
+                    pos, run_end = self._start, 0
                 if pos < self._size:
                     if pos >= run_end:
                         run_fd, run_end = self._run_at(pos)

@@ -15,6 +15,10 @@ from jobsvc.states import JobStatus
 FORMAT_VERSION = 1
 
 
+class StateDirError(RuntimeError):
+    """The state dir cannot be used (unreadable, or written by a newer jobsvc); nothing in it was changed."""
+
+
 def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -59,6 +63,8 @@ def record_from_json(d: dict[str, Any]) -> JobRecord:
         usage=Usage.from_dict(d.get("usage")),
         output_bytes=int(d.get("output_bytes") or 0),
         uid=d.get("uid"),
+        output_dropped_bytes=int(d.get("output_dropped_bytes") or 0),
+        output_lost_bytes=int(d.get("output_lost_bytes") or 0),
     )
 
 
@@ -69,17 +75,39 @@ class JobStore:
         self.root = state_dir
         self.durable = durable
         self.jobs_dir = state_dir / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            version_file = state_dir / "format"
+            if version_file.exists():
+                text = version_file.read_text().strip()
+                if not text.isdigit():
+                    raise StateDirError(f"state dir {state_dir}: {version_file} is not a format number: {text[:40]!r}")
+                if int(text) > FORMAT_VERSION:
+                    raise StateDirError(
+                        f"state dir {state_dir} was written by a newer jobsvc (format {text}; this one reads "
+                        f"{FORMAT_VERSION}); refusing to touch it"
+                    )
+            else:
+                _atomic_write(version_file, f"{FORMAT_VERSION}\n".encode(), durable)
+        except OSError as e:
+            raise StateDirError(f"state dir {state_dir}: {e.strerror}") from None
 
     def instance_id(self) -> str:
         """This state dir's instance id (made once), naming its cgroup subtree."""
         path = self.root / "instance"
         try:
-            return path.read_text().strip()
+            ident = path.read_text().strip()
         except FileNotFoundError:
             ident = uuid.uuid4().hex[:12]
             _atomic_write(path, ident.encode() + b"\n", self.durable)
             return ident
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateDirError(f"state dir {self.root}: cannot read {path}: {e}") from None
+        if not (len(ident) == 12 and all(c in "0123456789abcdef" for c in ident)):
+            raise StateDirError(
+                f"state dir {self.root}: {path} holds no instance id ({ident[:40]!r}); refusing to guess"
+            )
+        return ident
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -93,7 +121,30 @@ class JobStore:
         _atomic_write(d / "record.json", json.dumps(record_to_json(record)).encode(), self.durable)
 
     def load(self, job_id: str) -> JobRecord:
-        return record_from_json(json.loads((self.job_dir(job_id) / "record.json").read_bytes()))
+        d = json.loads((self.job_dir(job_id) / "record.json").read_bytes())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        if int(d.get("format", 1)) > FORMAT_VERSION:
+            raise ValueError(f"written by a newer jobsvc (format {d['format']})")
+        return record_from_json(d)
+
+    def load_all(self) -> tuple[list[JobRecord], list[tuple[str, str]]]:
+        """Every readable record, and (job dir, why) for each one skipped. Nothing is deleted."""
+        records, skipped = [], []
+        for entry in sorted(self.jobs_dir.iterdir()):
+            if not entry.is_dir():
+                skipped.append((entry.name, "not a job directory"))
+                continue
+            try:
+                record = self.load(entry.name)
+                if record.id != entry.name:
+                    raise ValueError(f"record names job {record.id!r}")
+                records.append(record)
+            except FileNotFoundError:
+                skipped.append((entry.name, "no record.json (a start that was never acknowledged)"))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                skipped.append((entry.name, f"unreadable record: {type(e).__name__}: {e}"))
+        return records, skipped
 
     def remove(self, job_id: str) -> None:
         d = self.job_dir(job_id)

@@ -73,6 +73,8 @@ def job_to_pb(r: JobRecord) -> pb.Job:
         limits=limits_to_pb(r.limits),
         usage=usage,
         output_bytes=r.output_bytes,
+        output_dropped_bytes=r.output_dropped_bytes,
+        output_lost_bytes=r.output_lost_bytes,
     )
     if r.reason is not None:
         msg.reason = r.reason
@@ -106,4 +108,6 @@ def job_from_pb(msg: pb.Job) -> JobRecord:
         usage=Usage(**{f: _opt(msg.usage, f) for f in _USAGE_FIELDS}),  # type: ignore[arg-type]
         output_bytes=msg.output_bytes,
         uid=_opt(msg, "uid"),  # type: ignore[arg-type]
+        output_dropped_bytes=msg.output_dropped_bytes,
+        output_lost_bytes=msg.output_lost_bytes,
     )

@@ -88,6 +88,7 @@ async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
     raise_fd_limit()
     manager = JobManager.open(config.engine)
+    await manager.reconcile()
     audit = AuditLog(config.engine.state_dir / "audit.log")
     try:
         server, port = await build_server(config, manager, audit)

@@ -64,6 +64,7 @@ async def engine(tmp_path: Path, work_root: Path) -> AsyncIterator[object]:
     from jobsvc.manager import EngineConfig, JobManager
 
     manager = JobManager.open(EngineConfig(state_dir=tmp_path / "state", default_grace=2.0, work_root=work_root))
+    await manager.reconcile()
     bases = manager.instance_groups
     yield manager
     await manager.shutdown(grace=1.0)

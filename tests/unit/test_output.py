@@ -165,3 +165,63 @@ async def test_splice_from_a_pipe(tmp_path: Path) -> None:
         "000000000001.seg",
         "000000000002.seg",
     ]
+
+
+async def test_retention_drops_whole_old_segments_and_a_keeping_up_reader_misses_nothing(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=1024, max_bytes=4096)
+    reader = log.follow(0).__aiter__()
+    received = bytearray()
+    expected = bytearray()
+    for i in range(40):
+        data = bytes([i]) * 500
+        expected += data
+        log.append(STDOUT if i % 3 else STDERR, data)
+        log.notify()
+        while len(received) < len(expected):  # this reader keeps up
+            chunk = await reader.__anext__()
+            assert chunk.offset == len(received)  # no gap, no repeat across rotations
+            received += chunk.data
+    assert received == expected
+    assert log.size - log.start <= 4096 and log.start > 0 and log.start % 1024 == 0
+    assert len(list((tmp_path / "out").glob("*.seg"))) <= 5
+    log.close()
+    await reader.aclose()
+
+
+async def test_a_reader_behind_the_window_is_told_by_the_offsets(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=1024, max_bytes=2048)
+    data = os.urandom(10_000)
+    log.append(STDOUT, data)
+    log.notify()
+    log.close()
+    chunks = await collect(log, 0)
+    assert chunks[0].offset == log.start > 0  # the first byte still retained, and how many were dropped
+    assert joined(chunks) == data[log.start :]
+    later = await collect(log, log.start + 10)
+    assert joined(later) == data[log.start + 10 :]
+
+
+async def test_recover_reads_a_log_back_after_a_crash(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=4096, max_bytes=8192)
+    parts = [(STDOUT, os.urandom(3000)), (STDERR, os.urandom(5000)), (STDOUT, os.urandom(9000))]
+    for fd, data in parts:
+        log.append(fd, data)
+        log.notify()
+    start, size = log.start, log.size
+    # no close(): the writer died; a torn half record at the end of the index is ignored
+    with open(tmp_path / "out" / "index", "ab") as index:
+        index.write(b"\x01\x02\x03")
+    again = OutputLog.recover(tmp_path / "out")
+    assert (again.start, again.size, again.closed) == (start, size, True)
+    chunks = await collect(again)
+    everything = b"".join(d for _, d in parts)
+    assert joined(chunks) == everything[start:]
+    assert start == 12288  # 17000 bytes, at most 8192 retained, in whole 4096-byte segments
+    assert joined(chunks, STDERR) == b""  # the stderr run [3000, 8000) was dropped
+    assert joined(chunks, STDOUT) == parts[2][1][start - 8000 :]
+    mid = OutputLog(tmp_path / "mid", segment_size=4096)
+    for fd, data in parts:
+        mid.append(fd, data)
+    back = await collect(OutputLog.recover(tmp_path / "mid"))
+    assert joined(back, STDERR) == parts[1][1]
+    assert joined(back, STDOUT) == parts[0][1] + parts[2][1]
