@@ -231,9 +231,15 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     click.echo(render.records_json(records) if as_json else render.table(records))
 
 
-def _write_output(chunks: Iterator[Any]) -> None:
+def _write_output(chunks: Iterator[Any], from_offset: int) -> None:
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    expected = from_offset
     for chunk in chunks:
+        if chunk.offset > expected:  # the server's output retention dropped bytes before we could read them
+            gap = chunk.offset - expected
+            where = "first " if expected == from_offset else ""
+            err.write(f"jobctl: {where}{gap} bytes dropped by the server's output retention\n".encode())
+        expected = chunk.offset + len(chunk.data)
         target = err if chunk.stream == 2 else out
         target.write(chunk.data)
         target.flush()
@@ -242,7 +248,7 @@ def _write_output(chunks: Iterator[Any]) -> None:
 def _stream(ctx: click.Context, job_id: str, from_offset: int) -> None:
     chunks = client(ctx).stream(job_id, from_offset)
     try:
-        call(lambda: _write_output(chunks))
+        call(lambda: _write_output(chunks, from_offset))
     except BrokenPipeError:
         _quiet_exit(141)  # like a shell pipeline whose reader went away
     finally:

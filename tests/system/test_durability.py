@@ -1,0 +1,319 @@
+"""Fault injection: kill -9, restarts, stray groups, a full disk, a corrupt state dir, SIGTERM with open streams."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobsvc._pb import jobs_pb2 as pb
+from jobsvc.cgroups.v1 import find_hierarchies
+from tests.system.conftest import processes_in_cgroup_named
+from tests.system.server import BIN, Pki, Server, start_server
+
+PY = "/usr/bin/python3"
+
+
+def stream_all(server: Server, job_id: str, from_offset: int = 0) -> tuple[bytes, list[int]]:
+    data, offsets = [], []
+    for msg in server.stub().Stream(pb.StreamRequest(id=job_id, from_offset=from_offset), timeout=60):
+        data.append(msg.data)
+        offsets.append(msg.offset)
+    return b"".join(data), offsets
+
+
+def kill9(server: Server) -> None:
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(30)
+    server.stopped = True
+
+
+def restart(server: Server, *args: str) -> Server:
+    """A new server process on the same state dir (a new port and work root)."""
+    return start_server(server.state_dir.parent, server.pki, *args)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Server]]:
+    servers: list[Server] = []
+    yield servers
+    for s in servers:
+        if not s.stopped:
+            s.stop()
+        shutil.rmtree(s.work_root, ignore_errors=True)
+
+
+def test_restart_after_kill9_keeps_every_job_and_its_output(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    stub = first.stub()
+    done = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo finished-job; exit 3"]))
+    stub.Wait(pb.GetRequest(id=done.id))
+    live = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo started; sleep 1000 & sleep 1000"]))
+    before_live = next(iter(stub.Stream(pb.StreamRequest(id=live.id)))).data
+    before_done, _ = stream_all(first, done.id)
+    kill9(first)
+    orphans = processes_in_cgroup_named(live.id)
+    assert orphans, "the jobs outlive a crashed server until it comes back"
+
+    second = restart(first)
+    cleanup.append(second)
+    stub2 = second.stub()
+    jobs = {j.id: j for j in stub2.List(pb.ListRequest()).jobs}
+    assert set(jobs) == {done.id, live.id}
+    assert jobs[done.id].status == pb.JOB_STATUS_FINISHED and jobs[done.id].exit_code == 3
+    assert jobs[live.id].status == pb.JOB_STATUS_STOPPED and jobs[live.id].reason == "server restarted"
+    assert processes_in_cgroup_named(live.id) == []
+    for pid in orphans:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert stream_all(second, done.id)[0] == before_done == b"finished-job\n"
+    assert stream_all(second, live.id)[0] == before_live == b"started\n"
+
+
+def _own_group_dirs() -> dict[str, Path]:
+    return find_hierarchies()
+
+
+def test_restart_removes_stray_groups_of_its_instance_only(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    instance = (first.state_dir / "instance").read_text().strip()
+    kill9(first)
+    own = _own_group_dirs()["freezer"]
+    stray = own / "jobsvc" / instance / "stray-job"
+    foreign = own / "jobsvc" / "0123456789ab" / "their-job"
+    procs = []
+    try:
+        for group in (stray, foreign):
+            group.mkdir(parents=True)
+            p = subprocess.Popen(["sleep", "1000"])
+            procs.append(p)
+            (group / "cgroup.procs").write_text(str(p.pid))
+        second = restart(first)
+        cleanup.append(second)
+        assert procs[0].wait(10) == -signal.SIGKILL  # the stray process of this instance was killed
+        assert not stray.exists()
+        assert procs[1].poll() is None and foreign.exists()  # another instance's group is not ours to touch
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for group in (foreign, foreign.parent):
+            for _ in range(100):
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def test_kill9_at_a_random_moment_loses_nothing_acknowledged(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    server = start_server(tmp_path, keys)
+    cleanup.append(server)
+    acked: dict[str, bytes] = {}  # job id -> bytes delivered to us before the crash
+    stopped: set[str] = set()
+    script = b"for i in $(seq 1 200); do echo line-$i; sleep 0.005; done"
+
+    def workload() -> None:
+        stub = server.stub()
+        try:
+            for i in range(1000):
+                job = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", script]), timeout=10)
+                acked[job.id] = b""
+                got = b""
+                for msg in stub.Stream(pb.StreamRequest(id=job.id), timeout=10):
+                    got += msg.data
+                    acked[job.id] = got
+                    if i % 3 == 0 and len(got) > 100:
+                        stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0), timeout=10)
+                        stopped.add(job.id)
+                        break
+        except grpc.RpcError:
+            return  # the server died under us
+
+    worker = threading.Thread(target=workload)
+    worker.start()
+    time.sleep(random.uniform(1.0, 2.5))
+    kill9(server)
+    worker.join(30)
+    assert acked, "the workload got nothing done before the crash"
+    again = restart(server)
+    cleanup.append(again)
+    listed = {j.id: j for j in again.stub().List(pb.ListRequest()).jobs}
+    for job_id, delivered in acked.items():
+        assert job_id in listed, "an acknowledged job is missing after the crash"
+        record = listed[job_id]
+        assert record.status in (pb.JOB_STATUS_FINISHED, pb.JOB_STATUS_STOPPED)
+        if job_id in stopped:
+            assert record.status == pb.JOB_STATUS_STOPPED
+        now, _ = stream_all(again, job_id)
+        assert now.startswith(delivered), "output delivered before the crash differs after it"
+        assert processes_in_cgroup_named(job_id) == []
+
+
+def test_output_cap_rotates_and_jobctl_says_what_was_dropped(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    server = start_server(tmp_path, keys, "--max-output", "1M")
+    cleanup.append(server)
+    writer = (
+        "import sys, time\n"
+        "for i in range(256):\n"
+        "    sys.stdout.write(''.join(f'{i:05d}-{j:05d}\\n' for j in range(8192 // 12)) + '\\n' * (8192 % 12))\n"
+        "    sys.stdout.flush()\n"
+        "    time.sleep(0.01)\n"
+    )
+    expected = subprocess.run([PY, "-c", writer], capture_output=True, check=True).stdout
+    assert len(expected) == 2 << 20
+    job = server.stub().Start(pb.StartRequest(argv=[PY.encode(), b"-c", writer.encode()]))
+    live, offsets = stream_all(server, job.id)  # a reader that keeps up from the first byte
+    assert live == expected
+    assert offsets[0] == 0 and all(a < b for a, b in itertools.pairwise(offsets))
+    record = server.stub().Wait(pb.GetRequest(id=job.id))
+    dropped = record.output_dropped_bytes
+    assert dropped >= 1 << 20 and record.output_bytes - dropped <= 1 << 20
+    late, late_offsets = stream_all(server, job.id)
+    assert late_offsets[0] == dropped and late == expected[dropped:]
+    proc = subprocess.run([BIN / "jobctl", "stream", "--id", job.id], env=server.env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == expected[dropped:]
+    assert proc.stderr.decode() == f"jobctl: first {dropped} bytes dropped by the server's output retention\n"
+    segments = list((server.state_dir / "jobs" / job.id / "output").glob("*.seg"))
+    assert sum(p.stat().st_size for p in segments) <= 1 << 20
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB ext4 filesystem on a loop device, without root's reserved blocks."""
+    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
+    with open(image, "wb") as f:
+        f.truncate(48 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", "-F", str(image)], check=True)
+    mount.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def test_a_full_disk_loses_output_but_never_blocks_jobs(small_fs: Path, keys: Pki, cleanup: list[Server]) -> None:
+    server = start_server(small_fs, keys)
+    cleanup.append(server)
+    filler = small_fs / "filler"
+    free = shutil.disk_usage(small_fs).free
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * (free - (12 << 20)))  # leave 12 MiB: Start still works, the job's output will not fit
+    stub = server.stub()
+    job = stub.Start(pb.StartRequest(argv=[b"head", b"-c", b"40M", b"/dev/zero"]))
+    record = stub.Wait(pb.GetRequest(id=job.id), timeout=120)
+    assert record.status == pb.JOB_STATUS_FINISHED and record.exit_code == 0  # never blocked
+    assert record.output_lost_bytes > 0
+    assert record.output_bytes + record.output_lost_bytes == 40 << 20
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Start(pb.StartRequest(argv=[b"true"]))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details()
+    filler.unlink()  # space returns: the server recovers by itself
+    again = stub.Start(pb.StartRequest(argv=[b"echo", b"back"]))
+    assert stream_all(server, again.id)[0] == b"back\n"
+    time.sleep(3)  # the janitor saves whatever record the full disk refused
+    saved = json.loads((server.state_dir / "jobs" / job.id / "record.json").read_text())
+    assert saved["status"] == "finished" and saved["output_lost_bytes"] == record.output_lost_bytes
+
+
+def test_a_corrupt_state_dir_is_reported_not_fatal(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    good = first.stub().Start(pb.StartRequest(argv=[b"echo", b"good"]))
+    first.stub().Wait(pb.GetRequest(id=good.id))
+    assert first.stop() == 0
+    jobs = first.state_dir / "jobs"
+    bad = {"garbage": b"\x00\xffnot json", "truncated": b'{"id": "trunc', "newer": None}
+    for name, content in bad.items():
+        (jobs / name).mkdir()
+        if content is not None:
+            (jobs / name / "record.json").write_bytes(content)
+    newer = json.loads((jobs / good.id / "record.json").read_text())
+    newer.update(id="newer", format=99)
+    (jobs / "newer" / "record.json").write_text(json.dumps(newer))
+    (jobs / "stray-file").write_text("hello")
+    second = restart(first)
+    cleanup.append(second)
+    assert [j.id for j in second.stub().List(pb.ListRequest()).jobs] == [good.id]
+    log = second.log()
+    for name in ("garbage", "truncated", "newer", "stray-file"):
+        assert f"skipping {name}" in log
+        assert (jobs / name).exists()  # never deleted what it could not read
+    assert second.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("instance", "not an id\n", "holds no instance id"),
+        ("format", "99\n", "written by a newer jobsvc"),
+    ],
+)
+def test_an_unusable_state_dir_is_refused_clearly(
+    tmp_path: Path, keys: Pki, file: str, content: str, message: str
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / file).write_text(content)
+    proc = subprocess.run(
+        [
+            BIN / "jobsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state),
+            "--work-root",
+            str(tmp_path / "work"),
+            "--ca-cert",
+            str(keys.ca),
+            "--server-cert",
+            str(keys.dir / "server.pem"),
+            "--server-key",
+            str(keys.dir / "server-key.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert (state / file).read_text() == content
+
+
+def test_sigterm_ends_open_streams_cleanly_and_exits_zero(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    server = start_server(tmp_path, keys)
+    cleanup.append(server)
+    job = server.stub().Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo hello; sleep 1000"]))
+    api_stream = server.stub().Stream(pb.StreamRequest(id=job.id))
+    assert next(api_stream).data == b"hello\n"
+    cli = subprocess.Popen(
+        [BIN / "jobctl", "stream", "--id", job.id], env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert cli.stdout is not None and cli.stdout.readline() == b"hello\n"
+    assert server.stop(signal.SIGTERM) == 0
+    assert list(api_stream) == []  # the stream ended, it was not reset
+    assert cli.wait(30) == 0
+    assert processes_in_cgroup_named(job.id) == []
+    record = json.loads((server.state_dir / "jobs" / job.id / "record.json").read_text())
+    assert record["status"] == "stopped" and record["reason"] == "server shutting down"
+    os.sync()
