@@ -90,6 +90,9 @@ class Job:
         clock: Clock = utc_now,
         uid: int | None = None,
         persist: Callable[[JobRecord], None] | None = None,
+        workdir: str | None = None,
+        timeout: float | None = None,
+        timeout_grace: float = 5.0,
     ) -> None:
         self.id = job_id
         self.owner = owner
@@ -104,6 +107,11 @@ class Job:
         self.ended_at: dt.datetime | None = None
         self.pid: int | None = None
         self.uid = uid
+        self.workdir = workdir
+        self.timeout_seconds = timeout
+        self.timeout_grace = timeout_grace
+        self._deadline: asyncio.TimerHandle | None = None
+        self._timeout_task: asyncio.Task[JobRecord] | None = None
         self.reason: str | None = None
         self.exit: ExitInfo | None = None
         self.oom_killed = False
@@ -121,7 +129,17 @@ class Job:
         """An ended job read back from the state dir (its output stays streamable)."""
         if not record.status.ended:
             raise ValueError("only ended jobs can be restored")
-        job = cls(record.id, record.owner, record.command, record.limits, group, output, uid=record.uid)
+        job = cls(
+            record.id,
+            record.owner,
+            record.command,
+            record.limits,
+            group,
+            output,
+            uid=record.uid,
+            workdir=record.workdir,
+            timeout=record.timeout_seconds,
+        )
         job.started_at, job.ended_at, job.pid = record.started_at, record.ended_at, record.pid
         job.status, job.reason, job.oom_killed, job.usage = (
             record.status,
@@ -161,6 +179,8 @@ class Job:
             uid=self.uid,
             output_dropped_bytes=self.output.start,
             output_lost_bytes=self.output.lost_bytes,
+            timeout_seconds=self.timeout_seconds,
+            workdir=self.workdir,
         )
 
     @property
@@ -184,6 +204,14 @@ class Job:
             self._open_pipes.add(fd)
             loop.add_reader(fd, self._drain, fd, tag)
         self._supervisor = loop.create_task(self._supervise(exit_status), name=f"job-{self.id}")
+        if self.timeout_seconds is not None:
+            self._deadline = loop.call_later(self.timeout_seconds, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        if not self.ended:
+            log.info("job %s: timed out after %.1f s", self.id, self.timeout_seconds or 0)
+            task = asyncio.get_running_loop().create_task(self.stop(self.timeout_grace, reason="timeout"))
+            self._timeout_task = task  # keep a reference until it is done
 
     def _drain(self, fd: int, tag: int) -> None:
         try:
@@ -263,26 +291,28 @@ class Job:
         # The final record reaches the disk before any client can see it: what was said survives a crash.
         if self._persist is not None:
             self._persist(dataclasses.replace(self.record(), status=final, usage=self.usage))
+        if self._deadline is not None:
+            self._deadline.cancel()
         # Status, log end and the ended event change together: a reader that sees the stream end sees the status.
         self._transition(final)
         self.output.close()
         self._ended.set()
 
-    async def stop(self, grace: float, reason: str = "stopped by owner") -> JobRecord:
-        """SIGTERM the whole job, SIGKILL what is left after grace; returns once nothing of it is left."""
+    async def stop(self, grace: float, reason: str = "stopped by owner", sig: int = signal.SIGTERM) -> JobRecord:
+        """Signal the whole job (SIGTERM), SIGKILL what is left after grace; returns once nothing of it is left."""
         if not self.ended and self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace, reason))
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace, reason, sig))
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
         await self._ended.wait()
         return self.record()
 
-    async def _stop(self, grace: float, reason: str) -> None:
+    async def _stop(self, grace: float, reason: str, sig: int) -> None:
         loop = asyncio.get_running_loop()
         self._stop_reason = reason
         self._stop_deadline = loop.time() + max(grace, 0.0)
-        if grace > 0:
-            _signal_all(self.group, signal.SIGTERM)
+        if grace > 0 or sig != signal.SIGKILL:
+            _signal_all(self.group, sig)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._ended.wait()), grace)
         if not self._ended.is_set():

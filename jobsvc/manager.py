@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import errno
 import logging
+import math
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +63,24 @@ class EngineConfig:
     keep_finished_seconds: float | None = 7 * 24 * 3600.0
     min_free_bytes: int = 8 << 20  # Start is refused when the state dir's disk has less free
     janitor_interval: float = 2.0
+    deny_env: frozenset[str] = frozenset({"LD_PRELOAD"})
+    default_timeout: float | None = None
+    max_timeout: float | None = None
+
+
+def check_env(env: Mapping[str, bytes | str], deny: frozenset[str]) -> dict[bytes, bytes]:
+    """Environment variables a client asked for, as bytes; refuses names execve cannot carry or the server denies."""
+    out: dict[bytes, bytes] = {}
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name:
+            raise InvalidArgumentError(f"environment variable name {name!r} is invalid (empty, '=' or NUL)")
+        if name in deny:
+            raise InvalidArgumentError(f"environment variable {name} is not allowed by this server")
+        raw = os.fsencode(value)
+        if b"\0" in raw:
+            raise InvalidArgumentError(f"environment variable {name} contains a NUL byte")
+        out[os.fsencode(name)] = raw
+    return out
 
 
 def check_argv(argv: Iterable[bytes | str], max_bytes: int, max_argc: int) -> tuple[bytes, ...]:
@@ -191,24 +212,53 @@ class JobManager:
     def get(self, owner: str, job_id: str) -> JobRecord:
         return self._resolve(owner, job_id).record()
 
-    def list(self, owner: str) -> list[JobRecord]:
-        jobs = self._visible(owner).values()
+    def list(self, owner: str, status: JobStatus | None = None, since: float | None = None) -> list[JobRecord]:
+        """The jobs this identity may see, oldest first; optionally only one status, or started in the last N s."""
+        if since is not None and not since > 0:
+            raise InvalidArgumentError(f"since must be a positive number of seconds, got {since}")
+        jobs = list(self._visible(owner).values())
+        if status is not None:
+            jobs = [j for j in jobs if j.status is status]
+        if since is not None:
+            cutoff = self._clock() - dt.timedelta(seconds=min(since, 1e9))
+            jobs = [j for j in jobs if j.started_at >= cutoff]
         return sorted((j.record() for j in jobs), key=lambda r: r.started_at)
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
-    async def start(self, owner: str, argv: Iterable[bytes | str], limits: Limits | None = None) -> JobRecord:
-        """Start argv (no shell) in fresh groups with limits; fails with InvalidArgumentError if it cannot exec."""
+    async def start(
+        self,
+        owner: str,
+        argv: Iterable[bytes | str],
+        limits: Limits | None = None,
+        *,
+        env: Mapping[str, bytes | str] | None = None,
+        workdir: str | None = None,
+        timeout: float | None = None,
+    ) -> JobRecord:
+        """Start argv (no shell) in fresh groups with limits; fails with InvalidArgumentError if it cannot exec.
+
+        env is added to the job's clean environment; workdir (absolute) replaces its fresh working directory;
+        timeout (seconds) stops the job, reason "timeout", when it runs longer.
+        """
         if self._closed:
             raise UnavailableError("the server is shutting down")
         args = check_argv(argv, self.config.max_argv_bytes, self.config.max_argc)
+        extra_env = check_env(env or {}, self.config.deny_env)
+        if sum(len(a) + 1 for a in args) + sum(len(k) + len(v) + 2 for k, v in extra_env.items()) > (
+            self.config.max_argv_bytes
+        ):
+            raise InvalidArgumentError(f"command and environment are over {self.config.max_argv_bytes} bytes together")
+        if workdir is not None and not os.path.isabs(workdir):
+            raise InvalidArgumentError(f"workdir must be an absolute path, got {workdir!r}")
+        timeout = self._check_timeout(timeout)
         limits = validate(resolve_devices(limits or Limits()), self.config.policy)
         self._check_job_quota(owner)
         self._check_disk()
         job_id = str(uuid.uuid4())
         user = self._fixed_user or self._uids.acquire()
         try:
-            workdir = self._make_workdir(job_id, user)
+            fresh_dir = self._make_workdir(job_id, user)
             group = self._driver.create(job_id, limits)
         except BaseException:
             self._release_user(user)
@@ -223,18 +273,31 @@ class JobManager:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             request = SpawnRequest(
                 argv=args,
-                env={**BASE_ENV, b"HOME": os.fsencode(workdir)},
-                cwd=os.fsencode(workdir),
+                env={**BASE_ENV, b"HOME": os.fsencode(fresh_dir), **extra_env},
+                cwd=os.fsencode(workdir or fresh_dir),
                 join_files=group.join_files,
                 uid=user.uid,
                 gid=user.gid,
                 umask=JOB_UMASK,
             )
-            job = Job(job_id, owner, args, limits, group, output, self._clock, uid=user.uid, persist=self._save)
+            job = Job(
+                job_id,
+                owner,
+                args,
+                limits,
+                group,
+                output,
+                self._clock,
+                uid=user.uid,
+                persist=self._save,
+                workdir=workdir or str(fresh_dir),
+                timeout=timeout,
+                timeout_grace=self.config.default_grace,
+            )
             try:
                 pid, exit_status = await self._spawner.spawn(request, out_w, err_w)
             except SpawnError as e:
-                raise _spawn_error(args[0], e) from None
+                raise _spawn_error(args[0], e, workdir) from None
             finally:
                 os.close(out_w)
                 os.close(err_w)
@@ -283,29 +346,49 @@ class JobManager:
                 log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
             self._unsaved[record.id] = record
 
-    async def stop(self, owner: str, job_id: str, grace: float | None = None) -> JobRecord:
-        """Stop the whole job (SIGTERM, SIGKILL after grace); an ended job's record comes back unchanged."""
+    async def stop(self, owner: str, job_id: str, grace: float | None = None, sig: int | None = None) -> JobRecord:
+        """Stop the whole job (sig, default SIGTERM; SIGKILL after grace); an ended job comes back unchanged."""
         if grace is not None and not (0 <= grace <= 3600):
             raise InvalidArgumentError(f"grace must be between 0 and 3600 seconds, got {grace}")
+        if sig is not None and not 1 <= sig < signal.NSIG:
+            raise InvalidArgumentError(f"signal must be a signal number between 1 and {signal.NSIG - 1}, got {sig}")
         job = self._resolve(owner, job_id)
         if job.ended:
             return job.record()
-        return await job.stop(self.config.default_grace if grace is None else grace)
+        g = self.config.default_grace if grace is None else grace
+        return await job.stop(g, sig=signal.SIGTERM if sig is None else sig)
 
     async def wait(self, owner: str, job_id: str) -> JobRecord:
         """Block until the job has ended; its final record."""
         return await self._resolve(owner, job_id).wait()
 
-    def stream(self, owner: str, job_id: str, from_offset: int = 0) -> AsyncIterator[Chunk]:
-        """The job's output from from_offset, then live until it has ended and everything was delivered."""
+    def stream(
+        self,
+        owner: str,
+        job_id: str,
+        from_offset: int = 0,
+        *,
+        follow: bool = True,
+        only: int | None = None,
+        tail_lines: int | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """The job's output from from_offset, then live until it has ended and everything was delivered.
+
+        follow=False ends at what exists now; only=STDOUT/STDERR filters on the server; tail_lines starts at the
+        last N lines instead of from_offset.
+        """
         if from_offset < 0:
             raise InvalidArgumentError(f"from_offset must not be negative, got {from_offset}")
+        if tail_lines is not None and tail_lines < 0:
+            raise InvalidArgumentError(f"tail must not be negative, got {tail_lines}")
         job = self._resolve(owner, job_id)
         if self._streams.get(owner, 0) >= self.config.max_streams_per_user:
             raise ResourceExhaustedError(
                 f"quota: at most {self.config.max_streams_per_user} concurrent streams per user"
             )
-        return self._counted_stream(owner, job.output.follow(from_offset))
+        if tail_lines is not None:
+            from_offset = job.output.tail_offset(tail_lines, only)
+        return self._counted_stream(owner, job.output.follow(from_offset, follow, only))
 
     async def _counted_stream(self, owner: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         self._streams[owner] = self._streams.get(owner, 0) + 1
@@ -384,6 +467,16 @@ class JobManager:
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 
+    def _check_timeout(self, timeout: float | None) -> float | None:
+        cfg = self.config
+        if timeout is None:
+            return cfg.default_timeout
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout}")
+        if cfg.max_timeout is not None and timeout > cfg.max_timeout:
+            raise InvalidArgumentError(f"timeout {timeout:g} s exceeds the server's maximum of {cfg.max_timeout:g} s")
+        return timeout
+
     def _check_job_quota(self, owner: str) -> None:
         if self._running.get(owner, 0) >= self.config.max_running_per_user:
             raise ResourceExhaustedError(f"quota: at most {self.config.max_running_per_user} running jobs per user")
@@ -421,9 +514,11 @@ class JobManager:
             self._driver.remove_instance()
 
 
-def _spawn_error(name: bytes, e: SpawnError) -> Exception:
+def _spawn_error(name: bytes, e: SpawnError, workdir: str | None) -> Exception:
     shown = name.decode("utf-8", "backslashreplace")
-    if e.stage in ("exec", "cwd", "user"):
+    if e.stage == "cwd":
+        return InvalidArgumentError(f"cannot enter working directory {workdir!r} as the job's user: {e.strerror}")
+    if e.stage in ("exec", "user"):
         return InvalidArgumentError(f"cannot execute {shown!r}: {e.strerror}")
     if e.stage == "request":
         return InvalidArgumentError(f"cannot start {shown!r}: {e.detail or e.strerror}")

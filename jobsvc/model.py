@@ -125,6 +125,8 @@ class JobRecord:
     uid: int | None = None  # the Unix user the job runs as
     output_dropped_bytes: int = 0  # oldest output removed by retention (the first retained offset)
     output_lost_bytes: int = 0  # output that could not be stored (state dir's disk full)
+    timeout_seconds: float | None = None
+    workdir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The one JSON form of a job (what `jobctl --json` prints)."""
@@ -146,6 +148,8 @@ class JobRecord:
             "uid": self.uid,
             "output_dropped_bytes": self.output_dropped_bytes,
             "output_lost_bytes": self.output_lost_bytes,
+            "timeout_seconds": self.timeout_seconds,
+            "workdir": self.workdir,
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -251,29 +251,83 @@ class OutputLog:
         # shield: one reader's cancellation must not cancel the future every reader shares
         await asyncio.shield(self._waiter)
 
-    async def follow(self, from_offset: int = 0) -> AsyncIterator[Chunk]:
-        """Everything from from_offset (or the oldest retained byte), then live output until the log closes."""
+    async def follow(self, from_offset: int = 0, follow: bool = True, only: int | None = None) -> AsyncIterator[Chunk]:
+        """Everything from from_offset (or the oldest retained byte), then live output until the log closes.
+
+        follow=False ends at the output that exists now; only=STDOUT or STDERR skips the other stream.
+        """
         self._readers += 1
         try:
             pos = max(from_offset, self._start)
+            end = None if follow else self._size
             run_fd, run_end = 0, 0
             while True:
                 if pos < self._start:  # retention dropped what this reader had not read yet
                     pos, run_end = self._start, 0
-                if pos < self._size:
+                limit = self._size if end is None else min(end, self._size)
+                if pos < limit:
                     if pos >= run_end:
                         run_fd, run_end = self._run_at(pos)
+                    if only is not None and run_fd != only:
+                        pos = min(run_end, limit)
+                        continue
                     k, within = divmod(pos, self._seg_size)
-                    n = min(CHUNK_SIZE, run_end - pos, self._seg_size - within)
+                    n = min(CHUNK_SIZE, run_end - pos, self._seg_size - within, limit - pos)
                     data = os.pread(self._read_fd(k), n, within)
                     if not data:
                         raise OSError(f"output segment {k} is shorter than the log says")
                     yield Chunk(pos, run_fd, data)
                     pos += len(data)
-                elif self._closed:
+                elif end is not None or self._closed:
                     return
                 else:
                     await self._wait()
+        finally:
+            self._readers -= 1
+            if self._closed and self._readers == 0:
+                self._close_files()
+
+    def _read_span(self, a: int, b: int) -> bytes:
+        """Bytes [a, b) of the retained log, across segment boundaries."""
+        parts = []
+        while a < b:
+            k, within = divmod(a, self._seg_size)
+            n = min(b - a, self._seg_size - within)
+            parts.append(os.pread(self._read_fd(k), n, within))
+            a += n
+        return b"".join(parts)
+
+    def tail_offset(self, lines: int, only: int | None = None) -> int:
+        """Where the last `lines` lines (of stream `only`, or of both) begin, like `tail -n` / `docker logs --tail`."""
+        if lines <= 0:
+            return self._size
+        self._readers += 1  # keep the read descriptors while scanning
+        try:
+            newlines, skip_final = 0, True
+            for i in range(self._runs - 1, -1, -1):
+                start, fd = self._run_entry(i)
+                end = self._run_entry(i + 1)[0] if i + 1 < self._runs else self._size
+                start = max(start, self._start)
+                if end <= start or (only is not None and fd != only):
+                    continue
+                hi = end
+                while hi > start:
+                    lo = max(start, hi - 65536)
+                    block = self._read_span(lo, hi)
+                    if skip_final:  # the newline ending the last line does not start another one
+                        skip_final = False
+                        if block.endswith(b"\n"):
+                            block = block[:-1]
+                    at = len(block)
+                    while True:
+                        at = block.rfind(b"\n", 0, at)
+                        if at < 0:
+                            break
+                        newlines += 1
+                        if newlines == lines:
+                            return lo + at + 1
+                    hi = lo
+            return self._start
         finally:
             self._readers -= 1
             if self._closed and self._readers == 0:

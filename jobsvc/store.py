@@ -65,6 +65,8 @@ def record_from_json(d: dict[str, Any]) -> JobRecord:
         uid=d.get("uid"),
         output_dropped_bytes=int(d.get("output_dropped_bytes") or 0),
         output_lost_bytes=int(d.get("output_lost_bytes") or 0),
+        timeout_seconds=d.get("timeout_seconds"),
+        workdir=d.get("workdir"),
     )
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobsvc._pb import jobs_pb2 as pb
+from jobsvc.errors import InvalidArgumentError
 from jobsvc.model import IoLimit, JobRecord, Limits, Usage
 from jobsvc.states import JobStatus
 
@@ -24,6 +25,18 @@ _USAGE_FIELDS = (
     "io_read_bytes",
     "io_write_bytes",
 )
+
+
+def status_from_pb(value: int) -> JobStatus:
+    """A JobStatus enum value from the wire; InvalidArgumentError for unknown values."""
+    try:
+        return _STATUS_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown job status {value}") from None
+
+
+def status_to_pb(status: JobStatus) -> int:
+    return _STATUS_TO_PB[status]
 
 
 def _ts(t: dt.datetime) -> Timestamp:
@@ -75,6 +88,7 @@ def job_to_pb(r: JobRecord) -> pb.Job:
         output_bytes=r.output_bytes,
         output_dropped_bytes=r.output_dropped_bytes,
         output_lost_bytes=r.output_lost_bytes,
+        workdir=r.workdir or "",
     )
     if r.reason is not None:
         msg.reason = r.reason
@@ -88,6 +102,8 @@ def job_to_pb(r: JobRecord) -> pb.Job:
         msg.pid = r.pid
     if r.uid is not None:
         msg.uid = r.uid
+    if r.timeout_seconds is not None:
+        msg.timeout_seconds = r.timeout_seconds
     return msg
 
 
@@ -110,4 +126,6 @@ def job_from_pb(msg: pb.Job) -> JobRecord:
         uid=_opt(msg, "uid"),  # type: ignore[arg-type]
         output_dropped_bytes=msg.output_dropped_bytes,
         output_lost_bytes=msg.output_lost_bytes,
+        timeout_seconds=_opt(msg, "timeout_seconds"),  # type: ignore[arg-type]
+        workdir=msg.workdir or None,
     )

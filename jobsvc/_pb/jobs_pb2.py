@@ -26,17 +26,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobsvc/v1/jobs.proto\x12\tjobsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x07IoLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x15\n\x08read_bps\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\twrite_bps\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tread_iops\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nwrite_iops\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0b\n\t_read_bpsB\x0c\n\n_write_bpsB\x0c\n\n_read_iopsB\r\n\x0b_write_iops\"\x8a\x01\n\x06Limits\x12\x10\n\x03\x63pu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x11\n\x04pids\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1e\n\x02io\x18\x04 \x03(\x0b\x32\x12.jobsvc.v1.IoLimitB\x06\n\x04_cpuB\x0f\n\r_memory_bytesB\x07\n\x05_pids\"\x83\x02\n\x05Usage\x12\x18\n\x0b\x63pu_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15\x63pu_throttled_periods\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_cpu_secondsB\x18\n\x16_cpu_throttled_periodsB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytes\"\x88\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\x0c\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.jobsvc.v1.JobStatus\x12\x13\n\x06reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texit_code\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06signal\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\noom_killed\x18\x08 \x01(\x08\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08\x65nded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x03\x88\x01\x01\x12!\n\x06limits\x18\x0b \x01(\x0b\x32\x11.jobsvc.v1.Limits\x12\x1f\n\x05usage\x18\x0c \x01(\x0b\x32\x10.jobsvc.v1.Usage\x12\x10\n\x03pid\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x14\n\x0coutput_bytes\x18\x0e \x01(\x04\x12\x10\n\x03uid\x18\x0f \x01(\x05H\x05\x88\x01\x01\x12\x1c\n\x14output_dropped_bytes\x18\x10 \x01(\x04\x12\x19\n\x11output_lost_bytes\x18\x11 \x01(\x04\x42\t\n\x07_reasonB\x0c\n\n_exit_codeB\t\n\x07_signalB\x0b\n\t_ended_atB\x06\n\x04_pidB\x06\n\x04_uid\"?\n\x0cStartRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\x0c\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.jobsvc.v1.Limits\"\x18\n\nGetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"G\n\x0bStopRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"\r\n\x0bListRequest\",\n\x0cListResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.jobsvc.v1.Job\"0\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_offset\x18\x02 \x01(\x04\"W\n\x0eStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\'\n\x06stream\x18\x02 \x01(\x0e\x32\x17.jobsvc.v1.OutputStream\x12\x0e\n\x06offset\x18\x03 \x01(\x04*p\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x01\x12\x16\n\x12JOB_STATUS_STOPPED\x10\x02\x12\x17\n\x13JOB_STATUS_FINISHED\x10\x03*a\n\x0cOutputStream\x12\x1d\n\x19OUTPUT_STREAM_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02\x32\xc5\x02\n\nJobService\x12\x30\n\x05Start\x12\x17.jobsvc.v1.StartRequest\x1a\x0e.jobsvc.v1.Job\x12,\n\x03Get\x12\x15.jobsvc.v1.GetRequest\x1a\x0e.jobsvc.v1.Job\x12.\n\x04Stop\x12\x16.jobsvc.v1.StopRequest\x1a\x0e.jobsvc.v1.Job\x12\x37\n\x04List\x12\x16.jobsvc.v1.ListRequest\x1a\x17.jobsvc.v1.ListResponse\x12?\n\x06Stream\x12\x18.jobsvc.v1.StreamRequest\x1a\x19.jobsvc.v1.StreamResponse0\x01\x12-\n\x04Wait\x12\x15.jobsvc.v1.GetRequest\x1a\x0e.jobsvc.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobsvc/v1/jobs.proto\x12\tjobsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x07IoLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x15\n\x08read_bps\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\twrite_bps\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tread_iops\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nwrite_iops\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0b\n\t_read_bpsB\x0c\n\n_write_bpsB\x0c\n\n_read_iopsB\r\n\x0b_write_iops\"\x8a\x01\n\x06Limits\x12\x10\n\x03\x63pu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x11\n\x04pids\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1e\n\x02io\x18\x04 \x03(\x0b\x32\x12.jobsvc.v1.IoLimitB\x06\n\x04_cpuB\x0f\n\r_memory_bytesB\x07\n\x05_pids\"\x83\x02\n\x05Usage\x12\x18\n\x0b\x63pu_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15\x63pu_throttled_periods\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_cpu_secondsB\x18\n\x16_cpu_throttled_periodsB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytes\"\xcb\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\x0c\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.jobsvc.v1.JobStatus\x12\x13\n\x06reason\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x16\n\texit_code\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06signal\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\noom_killed\x18\x08 \x01(\x08\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08\x65nded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x03\x88\x01\x01\x12!\n\x06limits\x18\x0b \x01(\x0b\x32\x11.jobsvc.v1.Limits\x12\x1f\n\x05usage\x18\x0c \x01(\x0b\x32\x10.jobsvc.v1.Usage\x12\x10\n\x03pid\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x14\n\x0coutput_bytes\x18\x0e \x01(\x04\x12\x10\n\x03uid\x18\x0f \x01(\x05H\x05\x88\x01\x01\x12\x1c\n\x14output_dropped_bytes\x18\x10 \x01(\x04\x12\x19\n\x11output_lost_bytes\x18\x11 \x01(\x04\x12\x1c\n\x0ftimeout_seconds\x18\x12 \x01(\x01H\x06\x88\x01\x01\x12\x0f\n\x07workdir\x18\x13 \x01(\tB\t\n\x07_reasonB\x0c\n\n_exit_codeB\t\n\x07_signalB\x0b\n\t_ended_atB\x06\n\x04_pidB\x06\n\x04_uidB\x12\n\x10_timeout_seconds\"\xee\x01\n\x0cStartRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\x0c\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.jobsvc.v1.Limits\x12-\n\x03\x65nv\x18\x03 \x03(\x0b\x32 .jobsvc.v1.StartRequest.EnvEntry\x12\x14\n\x07workdir\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x0ftimeout_seconds\x18\x05 \x01(\x01H\x01\x88\x01\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\n\n\x08_workdirB\x12\n\x10_timeout_seconds\"\x18\n\nGetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x0bStopRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x10\n\x0e_grace_secondsB\t\n\x07_signal\"a\n\x0bListRequest\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.jobsvc.v1.JobStatus\x12\x1a\n\rsince_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_since_seconds\",\n\x0cListResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.jobsvc.v1.Job\"\x92\x01\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_offset\x18\x02 \x01(\x04\x12\x11\n\tno_follow\x18\x03 \x01(\x08\x12%\n\x04only\x18\x04 \x01(\x0e\x32\x17.jobsvc.v1.OutputStream\x12\x17\n\ntail_lines\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_tail_lines\"W\n\x0eStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\'\n\x06stream\x18\x02 \x01(\x0e\x32\x17.jobsvc.v1.OutputStream\x12\x0e\n\x06offset\x18\x03 \x01(\x04*p\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x01\x12\x16\n\x12JOB_STATUS_STOPPED\x10\x02\x12\x17\n\x13JOB_STATUS_FINISHED\x10\x03*a\n\x0cOutputStream\x12\x1d\n\x19OUTPUT_STREAM_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02\x32\xc5\x02\n\nJobService\x12\x30\n\x05Start\x12\x17.jobsvc.v1.StartRequest\x1a\x0e.jobsvc.v1.Job\x12,\n\x03Get\x12\x15.jobsvc.v1.GetRequest\x1a\x0e.jobsvc.v1.Job\x12.\n\x04Stop\x12\x16.jobsvc.v1.StopRequest\x1a\x0e.jobsvc.v1.Job\x12\x37\n\x04List\x12\x16.jobsvc.v1.ListRequest\x1a\x17.jobsvc.v1.ListResponse\x12?\n\x06Stream\x12\x18.jobsvc.v1.StreamRequest\x1a\x19.jobsvc.v1.StreamResponse0\x01\x12-\n\x04Wait\x12\x15.jobsvc.v1.GetRequest\x1a\x0e.jobsvc.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobsvc.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATUS']._serialized_start=1538
-  _globals['_JOBSTATUS']._serialized_end=1650
-  _globals['_OUTPUTSTREAM']._serialized_start=1652
-  _globals['_OUTPUTSTREAM']._serialized_end=1749
+  _globals['_STARTREQUEST_ENVENTRY']._loaded_options = None
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATUS']._serialized_start=1996
+  _globals['_JOBSTATUS']._serialized_end=2108
+  _globals['_OUTPUTSTREAM']._serialized_start=2110
+  _globals['_OUTPUTSTREAM']._serialized_end=2207
   _globals['_IOLIMIT']._serialized_start=69
   _globals['_IOLIMIT']._serialized_end=246
   _globals['_LIMITS']._serialized_start=249
@@ -44,21 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=390
   _globals['_USAGE']._serialized_end=649
   _globals['_JOB']._serialized_start=652
-  _globals['_JOB']._serialized_end=1172
-  _globals['_STARTREQUEST']._serialized_start=1174
-  _globals['_STARTREQUEST']._serialized_end=1237
-  _globals['_GETREQUEST']._serialized_start=1239
-  _globals['_GETREQUEST']._serialized_end=1263
-  _globals['_STOPREQUEST']._serialized_start=1265
-  _globals['_STOPREQUEST']._serialized_end=1336
-  _globals['_LISTREQUEST']._serialized_start=1338
-  _globals['_LISTREQUEST']._serialized_end=1351
-  _globals['_LISTRESPONSE']._serialized_start=1353
-  _globals['_LISTRESPONSE']._serialized_end=1397
-  _globals['_STREAMREQUEST']._serialized_start=1399
-  _globals['_STREAMREQUEST']._serialized_end=1447
-  _globals['_STREAMRESPONSE']._serialized_start=1449
-  _globals['_STREAMRESPONSE']._serialized_end=1536
-  _globals['_JOBSERVICE']._serialized_start=1752
-  _globals['_JOBSERVICE']._serialized_end=2077
+  _globals['_JOB']._serialized_end=1239
+  _globals['_STARTREQUEST']._serialized_start=1242
+  _globals['_STARTREQUEST']._serialized_end=1480
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=1406
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=1448
+  _globals['_GETREQUEST']._serialized_start=1482
+  _globals['_GETREQUEST']._serialized_end=1506
+  _globals['_STOPREQUEST']._serialized_start=1508
+  _globals['_STOPREQUEST']._serialized_end=1611
+  _globals['_LISTREQUEST']._serialized_start=1613
+  _globals['_LISTREQUEST']._serialized_end=1710
+  _globals['_LISTRESPONSE']._serialized_start=1712
+  _globals['_LISTRESPONSE']._serialized_end=1756
+  _globals['_STREAMREQUEST']._serialized_start=1759
+  _globals['_STREAMREQUEST']._serialized_end=1905
+  _globals['_STREAMRESPONSE']._serialized_start=1907
+  _globals['_STREAMRESPONSE']._serialized_end=1994
+  _globals['_JOBSERVICE']._serialized_start=2210
+  _globals['_JOBSERVICE']._serialized_end=2535
 # @@protoc_insertion_point(module_scope)

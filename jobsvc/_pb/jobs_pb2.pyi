@@ -72,7 +72,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., cpu_throttled_periods: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "owner", "command", "status", "reason", "exit_code", "signal", "oom_killed", "started_at", "ended_at", "limits", "usage", "pid", "output_bytes", "uid", "output_dropped_bytes", "output_lost_bytes")
+    __slots__ = ("id", "owner", "command", "status", "reason", "exit_code", "signal", "oom_killed", "started_at", "ended_at", "limits", "usage", "pid", "output_bytes", "uid", "output_dropped_bytes", "output_lost_bytes", "timeout_seconds", "workdir")
     ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class Job(_message.Message):
     UID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_LOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKDIR_FIELD_NUMBER: _ClassVar[int]
     id: str
     owner: str
     command: _containers.RepeatedScalarFieldContainer[bytes]
@@ -107,15 +109,30 @@ class Job(_message.Message):
     uid: int
     output_dropped_bytes: int
     output_lost_bytes: int
-    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[_Iterable[bytes]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., pid: _Optional[int] = ..., output_bytes: _Optional[int] = ..., uid: _Optional[int] = ..., output_dropped_bytes: _Optional[int] = ..., output_lost_bytes: _Optional[int] = ...) -> None: ...
+    timeout_seconds: float
+    workdir: str
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[_Iterable[bytes]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., pid: _Optional[int] = ..., output_bytes: _Optional[int] = ..., uid: _Optional[int] = ..., output_dropped_bytes: _Optional[int] = ..., output_lost_bytes: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., workdir: _Optional[str] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("argv", "limits")
+    __slots__ = ("argv", "limits", "env", "workdir", "timeout_seconds")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     ARGV_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKDIR_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     argv: _containers.RepeatedScalarFieldContainer[bytes]
     limits: Limits
-    def __init__(self, argv: _Optional[_Iterable[bytes]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    env: _containers.ScalarMap[str, bytes]
+    workdir: str
+    timeout_seconds: float
+    def __init__(self, argv: _Optional[_Iterable[bytes]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, bytes]] = ..., workdir: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("id",)
@@ -124,16 +141,22 @@ class GetRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class StopRequest(_message.Message):
-    __slots__ = ("id", "grace_seconds")
+    __slots__ = ("id", "grace_seconds", "signal")
     ID_FIELD_NUMBER: _ClassVar[int]
     GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     grace_seconds: float
-    def __init__(self, id: _Optional[str] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+    signal: int
+    def __init__(self, id: _Optional[str] = ..., grace_seconds: _Optional[float] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("status", "since_seconds")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    status: JobStatus
+    since_seconds: float
+    def __init__(self, status: _Optional[_Union[JobStatus, str]] = ..., since_seconds: _Optional[float] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("jobs",)
@@ -142,12 +165,18 @@ class ListResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("id", "from_offset")
+    __slots__ = ("id", "from_offset", "no_follow", "only", "tail_lines")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NO_FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    ONLY_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
     id: str
     from_offset: int
-    def __init__(self, id: _Optional[str] = ..., from_offset: _Optional[int] = ...) -> None: ...
+    no_follow: bool
+    only: OutputStream
+    tail_lines: int
+    def __init__(self, id: _Optional[str] = ..., from_offset: _Optional[int] = ..., no_follow: _Optional[bool] = ..., only: _Optional[_Union[OutputStream, str]] = ..., tail_lines: _Optional[int] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("data", "stream", "offset")

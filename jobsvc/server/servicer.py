@@ -8,10 +8,11 @@ from grpc import aio
 
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc as pb_grpc
+from jobsvc.errors import InvalidArgumentError
 from jobsvc.manager import JobManager
-from jobsvc.output import STDERR
+from jobsvc.output import STDERR, STDOUT
 from jobsvc.server.interceptors import current_identity
-from jobsvc.wire import job_to_pb, limits_from_pb
+from jobsvc.wire import job_to_pb, limits_from_pb, status_from_pb
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
@@ -19,7 +20,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self._m = manager
 
     async def Start(self, request: pb.StartRequest, context: aio.ServicerContext) -> pb.Job:
-        record = await self._m.start(current_identity(), list(request.argv), limits_from_pb(request.limits))
+        record = await self._m.start(
+            current_identity(),
+            list(request.argv),
+            limits_from_pb(request.limits),
+            env=dict(request.env),
+            workdir=request.workdir if request.HasField("workdir") else None,
+            timeout=request.timeout_seconds if request.HasField("timeout_seconds") else None,
+        )
         return job_to_pb(record)
 
     async def Get(self, request: pb.GetRequest, context: aio.ServicerContext) -> pb.Job:
@@ -27,16 +35,29 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     async def Stop(self, request: pb.StopRequest, context: aio.ServicerContext) -> pb.Job:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        return job_to_pb(await self._m.stop(current_identity(), request.id, grace))
+        sig = request.signal if request.HasField("signal") else None
+        return job_to_pb(await self._m.stop(current_identity(), request.id, grace, sig))
 
     async def Wait(self, request: pb.GetRequest, context: aio.ServicerContext) -> pb.Job:
         return job_to_pb(await self._m.wait(current_identity(), request.id))
 
     async def List(self, request: pb.ListRequest, context: aio.ServicerContext) -> pb.ListResponse:
-        return pb.ListResponse(jobs=[job_to_pb(r) for r in self._m.list(current_identity())])
+        status = status_from_pb(request.status) if request.status else None
+        since = request.since_seconds if request.HasField("since_seconds") else None
+        return pb.ListResponse(jobs=[job_to_pb(r) for r in self._m.list(current_identity(), status, since)])
 
     async def Stream(self, request: pb.StreamRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
-        chunks = self._m.stream(current_identity(), request.id, request.from_offset)
+        only = {pb.OUTPUT_STREAM_STDOUT: STDOUT, pb.OUTPUT_STREAM_STDERR: STDERR}.get(request.only)
+        if request.only and only is None:
+            raise InvalidArgumentError(f"unknown output stream {request.only}")
+        chunks = self._m.stream(
+            current_identity(),
+            request.id,
+            request.from_offset,
+            follow=not request.no_follow,
+            only=only,
+            tail_lines=request.tail_lines if request.HasField("tail_lines") else None,
+        )
         async for chunk in chunks:
             stream = pb.OUTPUT_STREAM_STDERR if chunk.fd == STDERR else pb.OUTPUT_STREAM_STDOUT
             yield pb.StreamResponse(data=chunk.data, stream=stream, offset=chunk.offset)

@@ -81,11 +81,16 @@ class Server:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def channel(self, user: str = "alice") -> grpc.Channel:
+    def channel(self, user: str = "alice", ready: bool = True) -> grpc.Channel:
+        """A channel as user; by default connected first, so that a transient connection failure under load (the
+        machine is shared with benchmarks) is retried by grpc instead of failing the test's first call."""
         creds = grpc.ssl_channel_credentials(
             self.pki.ca.read_bytes(), self.pki.key(user).read_bytes(), self.pki.cert(user).read_bytes()
         )
-        return grpc.secure_channel(self.target, creds)
+        channel = grpc.secure_channel(self.target, creds)
+        if ready:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        return channel
 
     def stub(self, user: str = "alice") -> jobs_pb2_grpc.JobServiceStub:
         return jobs_pb2_grpc.JobServiceStub(self.channel(user))
@@ -121,6 +126,10 @@ class Server:
 def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = None) -> Server:
     state = tmp / "state"
     log_path = tmp / "server.log"
+    n = 1
+    while log_path.exists():  # a restarted server keeps its predecessor's log
+        n += 1
+        log_path = tmp / f"server-{n}.log"
     # jobs' working directories must be enterable by their own uids, so not under pytest's private tmp
     work_root = Path(tempfile.mkdtemp(prefix="jobsvc-test-", dir="/var/tmp"))
     proc = subprocess.Popen(
@@ -155,7 +164,7 @@ def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # ready when a handshake with a real client succeeds
         try:
-            grpc.channel_ready_future(server.channel()).result(timeout=1)
+            grpc.channel_ready_future(server.channel(ready=False)).result(timeout=1)
             break
         except grpc.FutureTimeoutError:
             continue

@@ -190,7 +190,13 @@ def test_a_setuid_root_binary_does_not_raise_privileges(hardened: Server) -> Non
     os.chown(suid, 0, 0)
     os.chmod(suid, 0o4755)
     # control: without no_new_privs the bit works on this filesystem (nobody becomes euid 0)
-    control = subprocess.run([suid, "-u"], user=65534, capture_output=True, text=True, check=True)
+    # (setpriv, not subprocess's user=: a setuid in a vfork child of this threaded process is not safe)
+    control = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", suid, "-u"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert control.stdout.strip() == "0"
     job = hardened.stub().Start(pb.StartRequest(argv=[str(suid).encode(), b"-u"]))
     uid = hardened.stub().Get(pb.GetRequest(id=job.id)).uid

@@ -70,6 +70,8 @@ def test_json_form_has_every_field_with_rfc3339_times() -> None:
         "uid": 61184,
         "output_dropped_bytes": 0,
         "output_lost_bytes": 0,
+        "timeout_seconds": None,
+        "workdir": None,
     }
 
 

@@ -225,3 +225,27 @@ async def test_recover_reads_a_log_back_after_a_crash(tmp_path: Path) -> None:
     back = await collect(OutputLog.recover(tmp_path / "mid"))
     assert joined(back, STDERR) == parts[1][1]
     assert joined(back, STDOUT) == parts[0][1] + parts[2][1]
+
+
+async def test_no_follow_only_and_tail(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=16)  # tiny segments: scans cross boundaries
+    log.append(STDOUT, b"o1\no2\n")
+    log.append(STDERR, b"e1\n")
+    log.append(STDOUT, b"o3\no4")
+    log.notify()
+    # no_follow: what exists now, even though the job goes on
+    assert joined([c async for c in log.follow(0, follow=False)]) == b"o1\no2\ne1\no3\no4"
+    assert joined([c async for c in log.follow(0, follow=False, only=STDERR)]) == b"e1\n"
+    assert joined([c async for c in log.follow(0, follow=False, only=STDOUT)]) == b"o1\no2\no3\no4"
+    assert log.tail_offset(1) == log.size - 2  # "o4" (no final newline) is the last line
+    assert log.tail_offset(2) == log.size - 5
+    assert log.tail_offset(3) == 6  # e1, o3, o4: "e1" starts after "o1\no2\n"
+    assert log.tail_offset(100) == 0
+    assert log.tail_offset(0) == log.size
+    tail_err = log.tail_offset(1, only=STDERR)
+    assert joined([c async for c in log.follow(tail_err, follow=False, only=STDERR)]) == b"e1\n"
+    tail2 = log.tail_offset(2, only=STDOUT)
+    assert joined([c async for c in log.follow(tail2, follow=False, only=STDOUT)]) == b"o3\no4"
+    log.append(STDOUT, b"\n")
+    log.close()
+    assert joined([c async for c in log.follow(log.tail_offset(1), only=STDOUT)]) == b"o4\n"
