@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import resource
 import signal
@@ -115,6 +116,7 @@ async def serve(config: ServerConfig) -> int:
 
 
 def run(config: ServerConfig) -> int:
+    faulthandler.enable()  # a crash in native code (grpc) leaves every thread's Python stack in the log
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(serve(config))
     return 130

@@ -174,7 +174,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     def _record(
         self,
-        context: aio.ServicerContext,
+        peer: str,
         method: str,
         request: Any,
         job_id: str | None,
@@ -182,7 +182,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         started: float,
         **extra: Any,
     ) -> None:
-        entry = _request_entry(context, method, request, job_id, outcome, started, **extra)
+        entry = _request_entry(peer, method, request, job_id, outcome, started, **extra)
         request_log.info(json.dumps(entry))
         if self._audit is not None:
             self._audit.write(entry)
@@ -200,6 +200,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
         def unary(behavior: Unary) -> Unary:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
                 started = time.monotonic()
+                # Read now: after the call ends grpc may have freed it, and context.peer() then crashes the
+                # process (a null dereference in cygrpc, seen when a client drops an open stream).
+                peer = context.peer()
                 outcome, job_id = "OK", getattr(request, "id", "") or None
                 try:
                     if isinstance(request, MalformedRequest):
@@ -213,13 +216,16 @@ class ErrorInterceptor(aio.ServerInterceptor):
                         await context.abort(code, message)
                     raise
                 finally:
-                    self._record(context, method, request, job_id, outcome, started)
+                    self._record(peer, method, request, job_id, outcome, started)
 
             return call
 
         def streaming(behavior: Streaming) -> Streaming:
             async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = time.monotonic()
+                # Read now: after the call ends grpc may have freed it, and context.peer() then crashes the
+                # process (a null dereference in cygrpc, seen when a client drops an open stream).
+                peer = context.peer()
                 outcome, sent = "OK", 0
                 try:
                     if isinstance(request, MalformedRequest):
@@ -233,7 +239,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
                         await context.abort(code, message)
                     raise
                 finally:
-                    self._record(context, method, request, getattr(request, "id", None), outcome, started, bytes=sent)
+                    self._record(peer, method, request, getattr(request, "id", None), outcome, started, bytes=sent)
 
             return call
 
@@ -257,7 +263,7 @@ def _map(e: BaseException, context: aio.ServicerContext, method: str) -> tuple[s
 
 
 def _request_entry(
-    context: aio.ServicerContext,
+    peer: str,
     method: str,
     request: Any,
     job_id: str | None,
@@ -265,15 +271,9 @@ def _request_entry(
     started: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    try:
-        who = _identity.get(None) or peer_identity(context)
-    except Exception:
-        who = None
     name = method.rsplit("/", 1)[-1]
-    entry: dict[str, Any] = {"identity": who, "method": name, "job_id": job_id}
+    entry: dict[str, Any] = {"identity": _identity.get(None), "method": name, "job_id": job_id}
     if name == "Start":
         entry["argv"] = [display_arg(a) for a in getattr(request, "argv", ())]
-    entry.update(
-        outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 3), peer=context.peer(), **extra
-    )
+    entry.update(outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 3), peer=peer, **extra)
     return entry

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobsvc._pb import jobs_pb2 as pb
+from jobsvc._pb import jobs_pb2_grpc
 from tests.system.conftest import processes_in_cgroup_named
 from tests.system.server import Server, make_pki, start_server
 
@@ -270,3 +271,22 @@ def test_port_in_use_is_a_clear_startup_error(server: Server, tmp_path: Path) ->
     )
     assert proc.returncode == 1
     assert "cannot listen on" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_clients_dropping_open_streams_do_not_crash_the_server(server: Server) -> None:
+    # Regression: the request log read context.peer() after grpc had freed a cancelled call, a null dereference
+    # in cygrpc that killed the whole server now and then.
+    job = server.stub().Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo live; sleep 1000"]))
+    stub = server.stub()
+    for i in range(40):
+        stream = stub.Stream(pb.StreamRequest(id=job.id))
+        assert next(stream).data == b"live\n"
+        stream.cancel()  # the client gives up on the open stream (RST_STREAM; the connection stays)
+        if i % 10 == 0:
+            channel = server.channel()
+            assert next(jobs_pb2_grpc.JobServiceStub(channel).Stream(pb.StreamRequest(id=job.id))).data
+            channel.close()  # or goes away altogether with it open
+    time.sleep(0.3)
+    assert server.proc.poll() is None
+    assert server.stub().Get(pb.GetRequest(id=job.id)).status == pb.JOB_STATUS_RUNNING
+    server.stub().Stop(pb.StopRequest(id=job.id, grace_seconds=0))
