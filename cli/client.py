@@ -21,6 +21,10 @@ class ClientError(Exception):
     """A failed operation, with a message fit for one line on stderr."""
 
 
+class ConnectionLostError(ClientError):
+    """The connection dropped in the middle of a stream (worth resuming)."""
+
+
 @dataclass(frozen=True)
 class Output:
     stream: int  # 1 stdout, 2 stderr
@@ -94,22 +98,36 @@ class JobClient:
             return ClientError(f"not authenticated: {details}")
         return ClientError(details)
 
-    def start(self, argv: list[bytes], limits: Limits) -> JobRecord:
+    def start(
+        self,
+        argv: list[bytes],
+        limits: Limits,
+        env: dict[str, bytes] | None = None,
+        workdir: str | None = None,
+        timeout: float | None = None,
+    ) -> JobRecord:
         from jobsvc.wire import job_from_pb, limits_to_pb
 
-        return job_from_pb(self._call("Start", self._pb.StartRequest(argv=argv, limits=limits_to_pb(limits))))
+        req = self._pb.StartRequest(argv=argv, limits=limits_to_pb(limits), env=env or {})
+        if workdir is not None:
+            req.workdir = workdir
+        if timeout is not None:
+            req.timeout_seconds = timeout
+        return job_from_pb(self._call("Start", req))
 
     def get(self, job_id: str) -> JobRecord:
         from jobsvc.wire import job_from_pb
 
         return job_from_pb(self._call("Get", self._pb.GetRequest(id=job_id)))
 
-    def stop(self, job_id: str, grace: float | None = None) -> JobRecord:
+    def stop(self, job_id: str, grace: float | None = None, sig: int | None = None) -> JobRecord:
         from jobsvc.wire import job_from_pb
 
         req = self._pb.StopRequest(id=job_id)
         if grace is not None:
             req.grace_seconds = grace
+        if sig is not None:
+            req.signal = sig
         wait = None if self.timeout is None else self.timeout + (grace if grace is not None else 3600)
         return job_from_pb(self._call("Stop", req, timeout=wait))
 
@@ -118,21 +136,48 @@ class JobClient:
 
         return job_from_pb(self._call("Wait", self._pb.GetRequest(id=job_id), timeout=None))
 
-    def list(self) -> list[JobRecord]:
-        from jobsvc.wire import job_from_pb
+    def list(self, status: str | None = None, since: float | None = None) -> list[JobRecord]:
+        from jobsvc.states import JobStatus
+        from jobsvc.wire import job_from_pb, status_to_pb
 
-        return [job_from_pb(j) for j in self._call("List", self._pb.ListRequest()).jobs]
+        req = self._pb.ListRequest()
+        if status is not None:
+            req.status = status_to_pb(JobStatus(status))  # type: ignore[assignment]
+        if since is not None:
+            req.since_seconds = since
+        return [job_from_pb(j) for j in self._call("List", req).jobs]
 
-    def stream(self, job_id: str, from_offset: int = 0) -> Iterator[Output]:
+    def stream(
+        self,
+        job_id: str,
+        from_offset: int = 0,
+        follow: bool = True,
+        only: int | None = None,
+        tail: int | None = None,
+    ) -> Iterator[Output]:
         """The job's output from from_offset until it has ended; close the iterator to stop watching."""
-        call = self._stub.Stream(self._pb.StreamRequest(id=job_id, from_offset=from_offset))
+        req = self._pb.StreamRequest(
+            id=job_id,
+            from_offset=from_offset,
+            no_follow=not follow,
+            only=only or 0,  # type: ignore[arg-type]
+        )
+        if tail is not None:
+            req.tail_lines = tail
+        call = self._stub.Stream(req)
+        received = False
         try:
             for msg in call:
+                received = True
                 yield Output(stream=msg.stream, offset=msg.offset, data=msg.data)
         except self._grpc.RpcError as e:
             if e.code() == self._grpc.StatusCode.CANCELLED:
                 return
-            raise self._error(e, job_id) from None
+            err = self._error(e, job_id)
+            dropped = received or "failed to connect" not in (e.details() or "")
+            if e.code() == self._grpc.StatusCode.UNAVAILABLE and dropped:
+                raise ConnectionLostError(str(err)) from None
+            raise err from None
         finally:
             call.cancel()
 

@@ -121,16 +121,25 @@ def _stamp(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def table(records: list[JobRecord], now: dt.datetime | None = None, max_command: int = 48) -> str:
+def table(
+    records: list[JobRecord],
+    now: dt.datetime | None = None,
+    max_command: int = 48,
+    contexts: list[str] | None = None,
+) -> str:
+    """Aligned columns; with contexts, a first column names each record's server."""
     now = now or dt.datetime.now(dt.UTC)
-    header = ("ID", "STATUS", "STARTED", "DURATION", "OUTPUT", "COMMAND")
+    header: tuple[str, ...] = ("ID", "STATUS", "STARTED", "DURATION", "OUTPUT", "COMMAND")
+    if contexts is not None:
+        header = ("CONTEXT", *header)
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         cmd = command(r)
         if len(cmd) > max_command:
             cmd = cmd[: max_command - 1] + "…"
         ago = duration((now - r.started_at).total_seconds()) + " ago"
-        rows.append((r.id[:8], outcome(r), ago, duration(_elapsed(r, now)), size(r.output_bytes), cmd))
+        row: tuple[str, ...] = (r.id[:8], outcome(r), ago, duration(_elapsed(r, now)), size(r.output_bytes), cmd)
+        rows.append((contexts[i], *row) if contexts is not None else row)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)

@@ -123,6 +123,31 @@ def main() -> None:
 @click.option("--max-running-total", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--max-streams-per-user", default=512, show_default=True, type=click.IntRange(1))
 @click.option(
+    "--crl",
+    envvar="JOBSVC_CRL",
+    type=FILE,
+    help="Certificate revocation list (PEM or DER, signed by the CA); revoked clients are refused.",
+)
+@click.option(
+    "--deny-subject",
+    "deny_subjects",
+    multiple=True,
+    metavar="SUBJECT",
+    help="Refuse this certificate Subject (RFC 4514) with PERMISSION_DENIED. Repeatable.",
+)
+@click.option("--deny-file", type=FILE, help="Subjects to refuse, one per line (# comments); reread on SIGHUP.")
+@click.option(
+    "--deny-env",
+    "deny_env",
+    multiple=True,
+    default=("LD_PRELOAD",),
+    show_default=True,
+    metavar="NAME",
+    help="Environment variable names a job may not set. Repeatable.",
+)
+@click.option("--default-timeout", type=DURATION, help="Timeout for jobs that set none (e.g. 1h).")
+@click.option("--max-timeout", type=DURATION, help="Largest timeout a job may ask for.")
+@click.option(
     "--max-output",
     default="1G",
     show_default=True,
@@ -180,6 +205,12 @@ def serve(
     max_total_output: int,
     keep_finished: int,
     keep_finished_for: float,
+    crl: Path | None,
+    deny_subjects: tuple[str, ...],
+    deny_file: Path | None,
+    deny_env: tuple[str, ...],
+    default_timeout: float | None,
+    max_timeout: float | None,
     log_level: str,
 ) -> None:
     """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
@@ -187,7 +218,7 @@ def serve(
     from jobsvc.cgroups.base import CgroupSetupError
     from jobsvc.manager import EngineConfig
     from jobsvc.server.app import ListenError, ServerConfig, configure_logging, run
-    from jobsvc.server.tls import CredentialsError
+    from jobsvc.server.tls import CredentialsError, TrustFiles
     from jobsvc.store import StateDirError
 
     configure_logging(log_level)
@@ -210,8 +241,19 @@ def serve(
         max_total_output_bytes=max_total_output,
         keep_finished_per_user=keep_finished,
         keep_finished_seconds=keep_finished_for,
+        deny_env=frozenset(deny_env),
+        default_timeout=default_timeout,
+        max_timeout=max_timeout,
     )
-    config = ServerConfig(engine=engine, ca_cert=ca_cert, server_cert=server_cert, server_key=server_key, listen=listen)
+    trust = TrustFiles(
+        ca_cert=ca_cert,
+        server_cert=server_cert,
+        server_key=server_key,
+        crl=crl,
+        deny_file=deny_file,
+        deny_subjects=frozenset(deny_subjects),
+    )
+    config = ServerConfig(engine=engine, trust=trust, listen=listen)
     try:
         code = run(config)
     except (CgroupSetupError, ListenError, CredentialsError, PermissionError, InvalidArgumentError, StateDirError) as e:
@@ -238,6 +280,19 @@ def pki_init(directory: Path, users: tuple[str, ...]) -> None:
         raise click.ClickException(str(e)) from None
     for path in written:
         click.echo(path)
+
+
+@pki.command("revoke")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("certs", nargs=-1, required=True, type=FILE)
+def pki_revoke(directory: Path, certs: tuple[Path, ...]) -> None:
+    """Add CERTS to DIRECTORY/crl.pem, signed by DIRECTORY's CA (then `kill -HUP` a server using --crl)."""
+    from jobsvc import pki as dev_pki
+
+    try:
+        click.echo(dev_pki.revoke(directory, list(certs)))
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

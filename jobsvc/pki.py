@@ -157,3 +157,45 @@ def init(directory: Path, users: list[str]) -> list[Path]:
         _write(directory / f"{stem}-key.pem", issued.key_pem, 0o600)
         written += [directory / f"{stem}.pem", directory / f"{stem}-key.pem"]
     return written
+
+
+def load(directory: Path, stem: str) -> Issued:
+    """A certificate and its key from DIR/<stem>.pem and DIR/<stem>-key.pem."""
+    cert = x509.load_pem_x509_certificate((directory / f"{stem}.pem").read_bytes())
+    key = serialization.load_pem_private_key((directory / f"{stem}-key.pem").read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{stem}-key.pem is not an EC key")
+    return Issued(cert, key)
+
+
+def make_crl(ca: Issued, serials: list[int], days: int = 30) -> bytes:
+    """A PEM CRL signed by ca revoking the given certificate serial numbers."""
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + days * DAY)
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def revoke(directory: Path, cert_paths: list[Path]) -> Path:
+    """Add certificates to DIR/crl.pem (made if missing), signed by DIR's CA; returns the CRL's path."""
+    ca = load(directory, "ca")
+    crl_path = directory / "crl.pem"
+    revoked = [x509.load_pem_x509_certificate(p.read_bytes()) for p in cert_paths]
+    serials = {c.serial_number for c in revoked}
+    if crl_path.exists():
+        old = x509.load_pem_x509_crl(crl_path.read_bytes())
+        keep = [r.serial_number for r in old if r.serial_number not in serials]
+    else:
+        keep = []
+    tmp = crl_path.with_suffix(".tmp")
+    tmp.write_bytes(make_crl(ca, [*keep, *sorted(serials)]))
+    tmp.replace(crl_path)
+    return crl_path

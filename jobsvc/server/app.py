@@ -10,7 +10,6 @@ import resource
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +21,7 @@ from jobsvc.manager import EngineConfig, JobManager
 from jobsvc.server.audit import AuditLog
 from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
 from jobsvc.server.servicer import JobServicer
-from jobsvc.server.tls import server_credentials
+from jobsvc.server.tls import CredentialsError, TrustFiles, TrustPolicy
 
 log = logging.getLogger("jobsvc.server")
 
@@ -34,9 +33,7 @@ class ServerConfig:
     """Everything `jobsvc serve` takes; building one does no I/O."""
 
     engine: EngineConfig
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
+    trust: TrustFiles
     listen: str = "127.0.0.1:50051"
 
 
@@ -45,13 +42,13 @@ class ListenError(RuntimeError):
 
 
 async def build_server(
-    config: ServerConfig, manager: JobManager, audit: AuditLog | None = None
+    config: ServerConfig, manager: JobManager, audit: AuditLog | None = None, trust: TrustPolicy | None = None
 ) -> tuple[aio.Server, int]:
     """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port)."""
     # The request cap sits above the argv cap, so an oversized argv reaches the engine and gets INVALID_ARGUMENT.
     max_request = max(4 << 20, 2 * config.engine.max_argv_bytes + (64 << 10))
     server = aio.server(
-        interceptors=[ErrorInterceptor(audit), IdentityInterceptor()],
+        interceptors=[ErrorInterceptor(audit), IdentityInterceptor(trust)],
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length", max_request),
@@ -67,7 +64,7 @@ async def build_server(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    creds = server_credentials(config.ca_cert, config.server_cert, config.server_key)
+    creds = (trust or TrustPolicy(config.trust)).credentials()
     try:
         port = server.add_secure_port(config.listen, creds)
     except RuntimeError as e:
@@ -88,11 +85,12 @@ def raise_fd_limit() -> int:
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
     raise_fd_limit()
+    trust = TrustPolicy(config.trust)  # unreadable certificates fail here, before anything starts
     manager = JobManager.open(config.engine)
     await manager.reconcile()
     audit = AuditLog(config.engine.state_dir / "audit.log")
     try:
-        server, port = await build_server(config, manager, audit)
+        server, port = await build_server(config, manager, audit, trust)
     except BaseException:
         await manager.shutdown(grace=0)
         audit.close()
@@ -105,6 +103,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, trust)
     await stop.wait()
     log.info("shutting down: stopping running jobs (grace %.1f s)", config.engine.default_grace)
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
@@ -113,6 +112,16 @@ async def serve(config: ServerConfig) -> int:
     audit.close()
     log.info("stopped")
     return 0
+
+
+def _reload(trust: TrustPolicy) -> None:
+    """SIGHUP: read the certificates, CA, CRL and deny list again; established connections and streams go on."""
+    try:
+        trust.reload()
+    except CredentialsError as e:
+        log.error("reload failed, keeping the previous certificates and lists: %s", e)
+        return
+    log.info("reloaded the server certificate, CA, CRL and deny list")
 
 
 def run(config: ServerConfig) -> int:

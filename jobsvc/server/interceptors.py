@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -24,6 +25,7 @@ from jobsvc.errors import (
 )
 from jobsvc.model import display_arg
 from jobsvc.server.audit import AuditLog
+from jobsvc.server.tls import TrustPolicy
 
 log = logging.getLogger("jobsvc.server")
 request_log = logging.getLogger("jobsvc.request")
@@ -55,8 +57,15 @@ def status_for(error: JobError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+@dataclass(frozen=True)
+class ClientCert:
+    subject: str
+    issuer: str
+    serial: int
+
+
 @functools.lru_cache(maxsize=1024)
-def _subject_from_pem(pem: bytes) -> str | None:
+def _client_cert(pem: bytes) -> ClientCert | None:
     """The Subject of a certificate fit to identify a client, else None.
 
     TLS already verified the chain, the dates and (BoringSSL) an extended key usage without clientAuth. A CA
@@ -76,7 +85,7 @@ def _subject_from_pem(pem: bytes) -> str | None:
             return None
     except x509.ExtensionNotFound:
         pass
-    return cert.subject.rfc4514_string()
+    return ClientCert(cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), cert.serial_number)
 
 
 def peer_identity(context: aio.ServicerContext) -> str | None:
@@ -86,9 +95,14 @@ def peer_identity(context: aio.ServicerContext) -> str | None:
     whose order and escaping differ from RFC 4514, and identity must not depend on a library's formatting. With
     require_client_auth there is always a verified certificate; without one there is no identity.
     """
-    auth = context.auth_context()
-    pems = list(auth.get("x509_pem_cert") or ())
-    return _subject_from_pem(pems[0]) if pems else None
+    cert = peer_cert(context)
+    return cert.subject if cert is not None else None
+
+
+def peer_cert(context: aio.ServicerContext) -> ClientCert | None:
+    """The verified client certificate of this call, if it is fit to identify a client."""
+    pems = list(context.auth_context().get("x509_pem_cert") or ())
+    return _client_cert(pems[0]) if pems else None
 
 
 class MalformedRequest:
@@ -127,7 +141,13 @@ def _rewrap(
 
 
 class IdentityInterceptor(aio.ServerInterceptor):
-    """Every JobService call runs as the caller's certificate Subject; no verified certificate, no call."""
+    """Every JobService call runs as the caller's certificate Subject; no verified certificate, no call.
+
+    With a TrustPolicy, a revoked certificate is UNAUTHENTICATED and a denied Subject PERMISSION_DENIED.
+    """
+
+    def __init__(self, trust: TrustPolicy | None = None) -> None:
+        self._trust = trust
 
     async def intercept_service(
         self,
@@ -138,11 +158,19 @@ class IdentityInterceptor(aio.ServerInterceptor):
         if handler is None or not details.method.startswith(JOB_SERVICE_PREFIX):
             return handler
 
+        trust = self._trust
+
         async def establish(context: aio.ServicerContext) -> None:
-            who = peer_identity(context)
-            if not who:
+            cert = peer_cert(context)
+            if cert is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a verified client certificate is required")
-            _identity.set(who or "")
+                return
+            if trust is not None:
+                if trust.is_revoked(cert.issuer, cert.serial):
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this client certificate is revoked")
+                if trust.is_denied(cert.subject):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this identity is denied access")
+            _identity.set(cert.subject)
 
         def unary(behavior: Unary) -> Unary:
             async def call(request: Any, context: aio.ServicerContext) -> Any:

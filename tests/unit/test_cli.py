@@ -42,24 +42,27 @@ class FakeClient:
         if self.fail:
             raise self.fail
 
-    def start(self, argv: list[bytes], limits: Limits) -> JobRecord:
+    def start(
+        self, argv: list[bytes], limits: Limits, env: Any = None, workdir: Any = None, timeout: Any = None
+    ) -> JobRecord:
         self._record("start", argv, limits)
+        self.start_options = {"env": env, "workdir": workdir, "timeout": timeout}
         return record(command=tuple(argv), limits=limits)
 
     def get(self, job_id: str) -> JobRecord:
         self._record("get", job_id)
         return record(id=job_id)
 
-    def stop(self, job_id: str, grace: float | None) -> JobRecord:
-        self._record("stop", job_id, grace)
+    def stop(self, job_id: str, grace: float | None, sig: int | None = None) -> JobRecord:
+        self._record("stop", job_id, grace) if sig is None else self._record("stop", job_id, grace, sig)
         return record(id=job_id, status=JobStatus.STOPPED, signal=15, ended_at=NOW, reason="stopped by owner")
 
     def wait(self, job_id: str) -> JobRecord:
         self._record("wait", job_id)
         return record(id=job_id, status=JobStatus.FINISHED, exit_code=None, signal=9, ended_at=NOW)
 
-    def list(self) -> list[JobRecord]:
-        self._record("list")
+    def list(self, status: Any = None, since: Any = None) -> list[JobRecord]:
+        self._record("list") if status is None and since is None else self._record("list", status, since)
         return [
             record(),
             record(
@@ -71,8 +74,13 @@ class FakeClient:
             ),
         ]
 
-    def stream(self, job_id: str, from_offset: int = 0) -> Iterator[Output]:
-        self._record("stream", job_id, from_offset)
+    def stream(
+        self, job_id: str, from_offset: int = 0, follow: bool = True, only: Any = None, tail: Any = None
+    ) -> Iterator[Output]:
+        if (follow, only, tail) == (True, None, None):
+            self._record("stream", job_id, from_offset)
+        else:
+            self._record("stream", job_id, from_offset, follow, only, tail)
         yield Output(1, 0, b"out\xff")
         yield Output(2, 4, b"err")
 
@@ -199,3 +207,60 @@ def test_render_humanises() -> None:
     )
     assert "finished (SIGKILL, out of memory)" in text
     assert "oom killed:" in text and "memory 64.0 MiB" in text
+
+
+def test_start_env_workdir_timeout(fake: FakeClient, tmp_path: Any) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("# a comment\nA=from-file\n\nB=2\n")
+    result = invoke(
+        fake,
+        "start",
+        "--env-file",
+        str(env_file),
+        "-e",
+        "A=override",
+        "--env",
+        "C=x=y",
+        "--workdir",
+        "/srv",
+        "--timeout",
+        "5m",
+        "--",
+        "true",
+    )
+    assert result.exit_code == 0, result.output
+    assert fake.start_options == {
+        "env": {"A": b"override", "B": b"2", "C": b"x=y"},
+        "workdir": "/srv",
+        "timeout": 300.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["start", "-e", "NOVALUE", "--", "true"],
+        ["start", "--timeout", "soon", "--", "x"],
+        ["start", "--env-file", "/no/such/file", "--", "true"],
+        ["stop", "--id", "x", "--signal", "BOGUS"],
+        ["stream", "--id", "x", "--stdout", "--stderr"],
+        ["list", "--status", "sleeping"],
+        ["list", "--since", "yesterday"],
+    ],
+)
+def test_everyday_usage_errors(fake: FakeClient, args: list[str]) -> None:
+    assert invoke(fake, *args).exit_code == 2
+    assert fake.calls == []
+
+
+def test_stop_signal_list_filters_stream_options(fake: FakeClient) -> None:
+    assert invoke(fake, "stop", "--id", "abcd", "--signal", "int").exit_code == 0
+    assert invoke(fake, "stop", "--id", "abcd", "--signal", "9").exit_code == 0
+    assert invoke(fake, "list", "--status", "running", "--since", "10m").exit_code == 0
+    assert invoke(fake, "stream", "--id", "abcd", "--stderr", "--no-follow", "--tail", "3").exit_code == 0
+    assert fake.calls == [
+        ("stop", ("abcd", None, 2)),
+        ("stop", ("abcd", None, 9)),
+        ("list", ("running", 600.0)),
+        ("stream", ("abcd", 0, False, 2, 3)),
+    ]
