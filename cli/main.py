@@ -429,15 +429,14 @@ def _stream(
     retries = 0
     while True:
         chunks = client(ctx).stream(job_id, position, follow, only, tail)
-        first = True
         try:
             for chunk in chunks:
-                if chunk.offset > position and (only is None or first) and tail is None:
-                    # the server's output retention dropped bytes before we could read them
+                if chunk.offset > position and only is None and tail is None:
+                    # the server's output retention dropped bytes before we could read them (with a filter,
+                    # the other stream's bytes make gaps too, so nothing can be said)
                     gap = chunk.offset - position
                     where = "first " if position == from_offset and retries == 0 else ""
                     err.write(f"jobctl: {where}{gap} bytes dropped by the server's output retention\n".encode())
-                first = False
                 position = chunk.offset + len(chunk.data)
                 target = err if chunk.stream == 2 else out
                 target.write(chunk.data)
