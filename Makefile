@@ -19,6 +19,9 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
+	@# an editable install leaves the project uncompiled; with PYTHONDONTWRITEBYTECODE every jobctl run would
+	@# compile it again (about 15 ms of its start-up)
+	$(PY) -m compileall -q jobsvc cli >/dev/null
 	@touch $@
 
 venv: $(STAMP)

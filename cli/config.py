@@ -39,14 +39,18 @@ class Config:
 
     @classmethod
     def load(cls, path: Path | None = None) -> Config:
-        import tomllib
-
         path = path or config_path()
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             return cls(path, None, {})
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        import tomllib  # only when there is a file: most runs have none, and startup time counts
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
         contexts = data.get("contexts", {})
         if not isinstance(contexts, dict) or not all(isinstance(v, dict) for v in contexts.values()):

@@ -9,13 +9,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from jobsvc.errors import InvalidArgumentError
-from jobsvc.limits import merge_io, parse_cpu, parse_duration, parse_size, split_device_value
-from jobsvc.model import JobRecord, Limits
+
+if TYPE_CHECKING:
+    from jobsvc.model import JobRecord, Limits
 
 F = TypeVar("F", bound=Callable[..., Any])
 PKI = Path(".jobsvc/pki")  # where `make run` puts the dev certificates
@@ -101,6 +102,8 @@ def _complete_contexts(ctx: click.Context, param: click.Parameter, incomplete: s
 
 
 def _size_option(value: str | None, what: str) -> int | None:
+    from jobsvc.limits import parse_size
+
     if value is None:
         return None
     try:
@@ -110,6 +113,9 @@ def _size_option(value: str | None, what: str) -> int | None:
 
 
 def _limits(opts: dict[str, Any]) -> Limits:
+    from jobsvc.limits import merge_io, parse_cpu, parse_size, split_device_value
+    from jobsvc.model import Limits
+
     cpu = None
     if opts["cpu"] is not None:
         try:
@@ -166,6 +172,8 @@ def _env(opts: dict[str, Any]) -> dict[str, bytes]:
 
 def _job_spec(opts: dict[str, Any]) -> dict[str, Any]:
     """start/run options -> JobClient.start keyword arguments."""
+    from jobsvc.limits import parse_duration
+
     timeout = None
     if opts["timeout"] is not None:
         try:
@@ -352,6 +360,8 @@ def stop(ctx: click.Context, job_id: str, sig: str | None, grace: float | None, 
 @click.pass_context
 def list_(ctx: click.Context, status: str | None, since: str | None, all_contexts: bool, as_json: bool) -> None:
     """List your jobs, oldest first."""
+    from jobsvc.limits import parse_duration
+
     from . import render
 
     seconds = None
