@@ -107,12 +107,23 @@ def record_text(r: JobRecord, now: dt.datetime | None = None) -> str:
     if r.oom_killed:
         rows.append(("oom killed", "yes: the kernel killed a process of this job at its memory limit"))
     rows.append(("pid", str(r.pid) if r.pid is not None else "-"))
+    if r.uid is not None:
+        rows.append(("user", f"uid {r.uid}"))
+    if r.workdir:
+        rows.append(("workdir", r.workdir))
+    if r.timeout_seconds is not None:
+        rows.append(("timeout", duration(r.timeout_seconds)))
     rows.append(("started", f"{_stamp(r.started_at)} ({duration((now - r.started_at).total_seconds())} ago)"))
     if r.ended_at is not None:
         rows.append(("ended", f"{_stamp(r.ended_at)} (ran {duration(_elapsed(r, now))})"))
     else:
         rows.append(("running for", duration(_elapsed(r, now))))
-    rows += [("limits", _limits(r)), ("usage", _usage(r)), ("output", size(r.output_bytes))]
+    output = size(r.output_bytes)
+    if r.output_dropped_bytes:
+        output += f" ({size(r.output_dropped_bytes)} oldest dropped by retention)"
+    if r.output_lost_bytes:
+        output += f" ({size(r.output_lost_bytes)} lost: the server's disk was full)"
+    rows += [("limits", _limits(r)), ("usage", _usage(r)), ("output", output)]
     width = max(len(k) for k, _ in rows) + 1
     return "\n".join(f"{k + ':':<{width}} {v}" for k, v in rows)
 
