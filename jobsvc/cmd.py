@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -12,26 +14,18 @@ from jobsvc.limits import LimitPolicy, parse_cpu, parse_duration, parse_size
 from jobsvc.model import Limits
 
 
-class _Size(click.ParamType):
-    name = "size"
+class _Parsed(click.ParamType):
+    """A value parsed by one of jobsvc.limits' parsers, so the server and the engine read it alike."""
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
+    def __init__(self, name: str, parse: Callable[[str, str], Any]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value  # a default already parsed
         try:
-            return parse_size(str(value), param.name if param and param.name else "size")
-        except InvalidArgumentError as e:
-            self.fail(e.message, param, ctx)
-
-
-class _Duration(click.ParamType):
-    name = "duration"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            return parse_duration(str(value), param.name if param and param.name else "duration")
+            return self._parse(value, param.name if param and param.name else self.name)
         except InvalidArgumentError as e:
             self.fail(e.message, param, ctx)
 
@@ -49,7 +43,7 @@ class _Cpu(click.ParamType):
         return cpu
 
 
-SIZE, CPUS, DURATION = _Size(), _Cpu(), _Duration()
+SIZE, CPUS, DURATION = _Parsed("size", parse_size), _Cpu(), _Parsed("duration", parse_duration)
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 

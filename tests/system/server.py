@@ -123,6 +123,26 @@ class Server:
         return code
 
 
+def serve_command(keys: Pki, listen: str, state: Path, work_root: Path) -> list[str]:
+    """The `jobsvc serve` command line for a test server."""
+    return [
+        str(BIN / "jobsvc"),
+        "serve",
+        "--listen",
+        listen,
+        "--state-dir",
+        str(state),
+        "--work-root",
+        str(work_root),
+        "--ca-cert",
+        str(keys.ca),
+        "--server-cert",
+        str(keys.dir / "server.pem"),
+        "--server-key",
+        str(keys.dir / "server-key.pem"),
+    ]
+
+
 def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = None) -> Server:
     state = tmp / "state"
     log_path = tmp / "server.log"
@@ -133,23 +153,7 @@ def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = 
     # jobs' working directories must be enterable by their own uids, so not under pytest's private tmp
     work_root = Path(tempfile.mkdtemp(prefix="jobsvc-test-", dir="/var/tmp"))
     proc = subprocess.Popen(
-        [
-            BIN / "jobsvc",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state),
-            "--work-root",
-            str(work_root),
-            "--ca-cert",
-            str(keys.ca),
-            "--server-cert",
-            str(keys.dir / "server.pem"),
-            "--server-key",
-            str(keys.dir / "server-key.pem"),
-            *args,
-        ],
+        [*serve_command(keys, "127.0.0.1:0", state, work_root), *args],
         stdout=subprocess.PIPE,
         env=env,
         stderr=log_path.open("wb"),

@@ -247,24 +247,10 @@ def test_sigterm_stops_running_jobs_and_exits_zero(tmp_path: Path) -> None:
 def test_port_in_use_is_a_clear_startup_error(server: Server, tmp_path: Path) -> None:
     import subprocess
 
-    from tests.system.server import BIN
+    from tests.system.server import serve_command
 
-    keys = server.pki
     proc = subprocess.run(
-        [
-            BIN / "jobsvc",
-            "serve",
-            "--listen",
-            server.target,
-            "--state-dir",
-            str(tmp_path / "s"),
-            "--ca-cert",
-            str(keys.ca),
-            "--server-cert",
-            str(keys.dir / "server.pem"),
-            "--server-key",
-            str(keys.dir / "server-key.pem"),
-        ],
+        serve_command(server.pki, server.target, tmp_path / "s", tmp_path / "work"),
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,7 +20,7 @@ import pytest
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc.cgroups.v1 import find_hierarchies
 from tests.system.conftest import processes_in_cgroup_named
-from tests.system.server import BIN, Pki, Server, start_server
+from tests.system.server import BIN, Pki, Server, serve_command, start_server
 
 PY = "/usr/bin/python3"
 
@@ -275,22 +275,7 @@ def test_an_unusable_state_dir_is_refused_clearly(
     state.mkdir()
     (state / file).write_text(content)
     proc = subprocess.run(
-        [
-            BIN / "jobsvc",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state),
-            "--work-root",
-            str(tmp_path / "work"),
-            "--ca-cert",
-            str(keys.ca),
-            "--server-cert",
-            str(keys.dir / "server.pem"),
-            "--server-key",
-            str(keys.dir / "server-key.pem"),
-        ],
+        serve_command(keys, "127.0.0.1:0", state, tmp_path / "work"),
         capture_output=True,
         text=True,
         timeout=60,
