@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 
 from jobsvc.cgroups.base import JobGroup
@@ -24,6 +25,7 @@ _BATCH = 16  # pipe reads per wake-up before yielding to the loop
 FREEZE_TIMEOUT = 0.25  # a task in uninterruptible I/O can keep a group FREEZING forever
 KILL_TIMEOUT = 10.0
 OUTPUT_DRAIN_TIMEOUT = 2.0
+USAGE_TTL = 0.25  # seconds a running job's usage figures may be reused
 
 Clock = Callable[[], dt.datetime]
 
@@ -116,6 +118,7 @@ class Job:
         self.exit: ExitInfo | None = None
         self.oom_killed = False
         self.usage = Usage()
+        self._usage_at = -1e9
         self._ended = asyncio.Event()
         self._stop_reason: str | None = None
         self._stop_deadline: float | None = None
@@ -160,7 +163,7 @@ class Job:
 
     def record(self) -> JobRecord:
         exit_info = self.exit or ExitInfo(None, None)
-        usage = self.usage if self.ended else self.group.usage()
+        usage = self.usage if self.ended else self._live_usage()
         return JobRecord(
             id=self.id,
             owner=self.owner,
@@ -182,6 +185,13 @@ class Job:
             timeout_seconds=self.timeout_seconds,
             workdir=self.workdir,
         )
+
+    def _live_usage(self) -> Usage:
+        # Reading four cgroup files costs about a third of a Get; a figure up to USAGE_TTL old is as good.
+        now = time.monotonic()
+        if now - self._usage_at > USAGE_TTL:
+            self.usage, self._usage_at = self.group.usage(), now
+        return self.usage
 
     @property
     def ended(self) -> bool:
