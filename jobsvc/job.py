@@ -118,6 +118,7 @@ class Job:
         self.exit: ExitInfo | None = None
         self.oom_killed = False
         self.usage = Usage()
+        self._live = Usage()  # the last figures read from a running job's groups
         self._usage_at = -1e9
         self._ended = asyncio.Event()
         self._stop_reason: str | None = None
@@ -190,8 +191,8 @@ class Job:
         # Reading four cgroup files costs about a third of a Get; a figure up to USAGE_TTL old is as good.
         now = time.monotonic()
         if now - self._usage_at > USAGE_TTL:
-            self.usage, self._usage_at = self.group.usage(), now
-        return self.usage
+            self._live, self._usage_at = self.group.usage(), now
+        return self._live
 
     @property
     def ended(self) -> bool:
