@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 STATE ?= .jobsvc
 
-.PHONY: all venv test unit-test system-test lint proto run clean bench vm-test
+.PHONY: all venv test unit-test system-test lint proto run clean bench vm-box vm-test
 
 all: test
 
@@ -53,6 +53,23 @@ run: $(STAMP)
 	exec $(VENV)/bin/jobsvc serve --listen $(LISTEN) --state-dir $(STATE)/state \
 		--ca-cert $(STATE)/pki/ca.pem --server-cert $(STATE)/pki/server.pem --server-key $(STATE)/pki/server-key.pem
 
+# -- VM harness (vm/README.md): the system tests inside a cgroup-v1 Debian guest, built offline -------------
+VM_VENV := vm/.venv
+VM_STAMP := $(VM_VENV)/.installed
+
+$(VM_STAMP): vm/requirements.txt
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; fi
+	$(PYTHON) -m venv $(VM_VENV)
+	$(VM_VENV)/bin/python -m pip install -q -r vm/requirements.txt
+	@touch $@
+
+vm-box: $(VM_STAMP)
+	$(VM_VENV)/bin/python vm/harness.py box
+
+vm-test: $(VM_STAMP)
+	$(VM_VENV)/bin/python vm/harness.py test
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results/*.tmp
+	rm -rf $(VENV) $(VM_VENV) vm/.out build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results/*.tmp
 	find . -name __pycache__ -prune -exec rm -rf {} +

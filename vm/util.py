@@ -41,13 +41,15 @@ class Timings:
         self.rows: list[tuple[str, float, str]] = []
 
     @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, name: str) -> Iterator[dict[str, str]]:
+        """Time a step; the body may set result["status"] (default "ok", "failed" on exception)."""
         say(f"==> {name}")
         t = time.monotonic()
         status = "failed"
+        result: dict[str, str] = {}
         try:
-            yield
-            status = "ok"
+            yield result
+            status = result.get("status", "ok")
         finally:
             dt = time.monotonic() - t
             self.rows.append((name, dt, status))
@@ -128,3 +130,49 @@ def tail(path: Path, n: int) -> str:
 def cache_dir() -> Path:
     """Where boxes, wheelhouses, logs and run state live (outside the repo)."""
     return Path(os.environ.get("JOBSVC_VM_CACHE", "/var/cache/jobsvc-vm"))
+
+
+class _Relay:
+    """A pipe whose lines are echoed with the harness's elapsed-time prefix (progress bars thinned)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.r, self.w = os.pipe()
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        import re
+
+        last_pct = -100
+        buf = b""
+        with os.fdopen(self.r, "rb", buffering=0) as f:
+            while chunk := f.read(65536):
+                buf += chunk
+                *lines, buf = re.split(rb"\r\n|\r|\n", buf)
+                for raw in lines:
+                    line = re.sub(rb"\x1b\[[0-9;]*[A-Za-z]", b"", raw).decode(errors="replace").rstrip()
+                    m = re.match(r"\s*Progress: (\d+)%", line)
+                    if m:
+                        pct = int(m.group(1))
+                        if pct - last_pct < 25 and pct != 100:
+                            continue
+                        last_pct = pct
+                    elif not line.strip():
+                        continue
+                    say("  " + line)
+
+    def close(self) -> None:
+        os.close(self.w)
+        self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def relayed_output() -> Iterator[int]:
+    """A file descriptor for a child's stdout/stderr, echoed line by line with timestamps."""
+    relay = _Relay()
+    try:
+        yield relay.w
+    finally:
+        relay.close()

@@ -1,0 +1,357 @@
+"""`make vm-test`: run jobsvc's system tests in a clean cgroup-v1 Debian VM, then tear it down.
+
+Steps: host packages -> box (built once, cached) -> libvirt (inside a network namespace when the
+host runs none) -> box added to Vagrant -> wheelhouse -> vagrant up (+ provisioning) -> guest
+checks with testinfra -> system tests in the guest -> junit copied back -> destroy.
+Exit status: the guest test verdict (0 green, 1 failed tests or checks); 2 a harness step failed;
+130 interrupted.
+
+Subcommands:
+  test     the whole run (default). VM_KEEP=1 keeps the VM (and libvirt) for the next run.
+  up       bring the VM up, provisioned and checked, and keep it (like VM_KEEP=1, no system tests)
+  ssh      a shell in the kept VM (or: ssh -F <cache>/run/ssh_config default)
+  down     destroy the kept VM and stop what the harness started
+  box      build (if needed) and add the box only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import FrameType
+
+from util import StepError, Timings, cache_dir, relayed_output, run, say
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GUEST_JUNIT = "/tmp/jobsvc-system-junit.xml"
+GUEST_VENV = "/opt/jobsvc/venv"
+
+
+def _out_dir() -> Path:
+    out = Path(os.environ.get("JOBSVC_VM_OUT", HERE / ".out"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _logs() -> Path:
+    d = cache_dir() / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _custom_box() -> str:
+    return os.environ.get("JOBSVC_BOX", "")
+
+
+class Harness:
+    def __init__(self) -> None:
+        import box
+        import host
+
+        self.box_mod = box
+        self.host_mod = host
+        self.timings = Timings()
+        self.log = _logs() / "harness.log"
+        self.log.write_text("")
+        self.libvirt: host.Libvirt | None = None
+        self.vagrant = None  # vagrant.Vagrant, once libvirt is up
+        self.ssh_config = cache_dir() / "run" / "ssh_config"
+
+    # -- steps ----------------------------------------------------------------------------------
+    def host_packages(self) -> None:
+        with self.timings.step("host packages"):
+            self.host_mod.ensure_packages(self.log)
+
+    def box(self) -> None:
+        if _custom_box():
+            say(f"JOBSVC_BOX={_custom_box()}: using it instead of the local box")
+            return
+        with self.timings.step("box (build or cache)"):
+            path = self.box_mod.ensure_box(timings=self.timings)
+        with self.timings.step("box add"):
+            self._box_add(path)
+
+    def _box_add(self, path: Path) -> None:
+        name = self.box_mod.BOX_NAME
+        marker = path.parent / "added-to-vagrant"
+        listed = run(["vagrant", "box", "list", "--machine-readable"], capture=True, step="box add").stdout
+        present = any(line.split(",")[3:4] == [name] for line in listed.splitlines() if ",box-name," in line)
+        if present and marker.exists() and marker.read_text().strip() == path.name:
+            say(f"box {name} already added")
+            return
+        run(
+            ["vagrant", "box", "add", "--force", "--name", name, path],
+            log=self.log,
+            step="box add",
+            fix=f"see {self.log}; try `vagrant box remove --force {name}`",
+        )
+        marker.write_text(path.name + "\n")
+
+    def start_libvirt(self) -> None:
+        from vagrant import Vagrant
+
+        with self.timings.step("libvirt"):
+            self.libvirt = self.host_mod.Libvirt(self.log)
+            st = self.libvirt.up()
+            if not _custom_box():
+                self._prune_box_volumes()
+        env = dict(os.environ)
+        env.update(
+            VAGRANT_DEFAULT_PROVIDER="libvirt",
+            JOBSVC_VM_CACHE=str(cache_dir()),
+            JOBSVC_VM_NETNS=st.netns if st.mode == "managed" else "",
+            JOBSVC_VM_POOL=st.pool,
+            JOBSVC_WHEELHOUSE=str(self.wheelhouse_dir()),
+            JOBSVC_VM_DRIVER=self.host_mod.vm_driver(),
+        )
+        how = "JOBSVC_VM_DRIVER" if os.environ.get("JOBSVC_VM_DRIVER") else "probe"
+        say(f"domain type: {env['JOBSVC_VM_DRIVER']} ({how}; kvm = hardware KVM, qemu = TCG)")
+        self.vagrant = Vagrant(root=str(HERE), env=env, out_cm=relayed_output, err_cm=relayed_output)
+
+    def _prune_box_volumes(self) -> None:
+        """vagrant-libvirt names the uploaded box volume after box.img's mtime: drop older ones."""
+        assert self.libvirt is not None
+        name = self.box_mod.BOX_NAME
+        vagrant_home = Path(os.environ.get("VAGRANT_HOME", Path.home() / ".vagrant.d"))
+        img = vagrant_home / "boxes" / name.replace("/", "-VAGRANTSLASH-") / "0" / "libvirt" / "box.img"
+        prefix = name.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
+        current = f"{prefix}0_{int(img.stat().st_mtime)}_box.img" if img.exists() else ""
+        for vol in self.libvirt.volumes():
+            if vol.startswith(prefix) and vol != current:
+                say(f"deleting stale box volume {vol}")
+                self.host_mod.virsh("vol-delete", vol, "--pool", self.libvirt.state.pool, check=False)
+
+    def wheelhouse_dir(self) -> Path:
+        return Path(os.environ.get("JOBSVC_WHEELHOUSE", cache_dir() / "wheelhouse"))
+
+    def wheelhouse(self) -> None:
+        import wheelhouse
+
+        with self.timings.step("wheelhouse"):
+            wheelhouse.fill(REPO, self.wheelhouse_dir(), self.log)
+
+    def _vagrant_cmd(self, *args: str, step: str, fix: str = "") -> None:
+        assert self.vagrant is not None
+        try:
+            self.vagrant._call_vagrant_command(list(args))
+        except subprocess.CalledProcessError as e:
+            raise StepError(step, f"`vagrant {' '.join(args)}` exited {e.returncode} (output above)", fix) from None
+
+    def vm_up(self) -> None:
+        assert self.vagrant is not None
+        state = self.vagrant.status()[0].state
+        fix = (
+            f"read vagrant's message above; the domain's console log is in "
+            f"/var/log/libvirt/qemu/; VAGRANT_LOG=info gives more; harness log: {self.log}"
+        )
+        if state == "running":
+            with self.timings.step("vagrant rsync + provision (kept VM)"):
+                self._vagrant_cmd("rsync", step="vagrant rsync", fix=fix)
+                self._vagrant_cmd(
+                    "provision", step="vagrant provision", fix="the provisioning output above names the problem"
+                )
+        else:
+            with self.timings.step("vagrant up (boot, rsync, provision)"):
+                self._vagrant_cmd("up", "--provider=libvirt", step="vagrant up", fix=fix)
+        self.ssh_config.parent.mkdir(parents=True, exist_ok=True)
+        self.ssh_config.write_text(self.vagrant.ssh_config())
+
+    def guest_checks(self) -> int:
+        with self.timings.step("guest checks (testinfra)") as result:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-c",
+                    str(HERE / "tests" / "pytest.ini"),
+                    "--rootdir",
+                    str(HERE / "tests"),
+                    str(HERE / "tests"),
+                    "--hosts=paramiko://default",
+                    f"--ssh-config={self.ssh_config}",
+                    f"--junitxml={_out_dir() / 'junit-guest-checks.xml'}",
+                ],
+                cwd=HERE,
+                stdin=subprocess.DEVNULL,
+            )
+            if proc.returncode:
+                result["status"] = f"FAILED (pytest exit {proc.returncode})"
+        return proc.returncode
+
+    def _ssh(self, command: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), "default", command], stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+
+    def system_tests(self) -> int:
+        timeout = float(os.environ.get("JOBSVC_VM_TEST_TIMEOUT", "3600"))
+        # CI=true: the system tests fail rather than skip when root or cgroup v1 is missing, so a
+        # green verdict means every one of them ran. No bytecode or cache written into /vagrant.
+        command = (
+            f"cd /vagrant && rm -f {GUEST_JUNIT} && sudo env CI=true PYTHONDONTWRITEBYTECODE=1 "
+            f"PATH={GUEST_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "
+            f"{GUEST_VENV}/bin/python -m pytest -p no:cacheprovider -v -rfEs tests/system "
+            f"--junitxml={GUEST_JUNIT} {os.environ.get('JOBSVC_VM_PYTEST_ARGS', '')}"
+        )
+        with self.timings.step("system tests in the guest") as result:
+            try:
+                rc = self._ssh(command, timeout=timeout).returncode
+                if rc:
+                    result["status"] = f"FAILED (pytest exit {rc})"
+            except subprocess.TimeoutExpired:
+                raise StepError(
+                    "system tests in the guest",
+                    f"no verdict after {timeout:.0f} s",
+                    "raise JOBSVC_VM_TEST_TIMEOUT or look for a hung test (VM_KEEP=1)",
+                ) from None
+        junit = _out_dir() / "junit-system.xml"
+        got = self._ssh(f"cat {GUEST_JUNIT}", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if got.returncode == 0 and got.stdout:
+            junit.write_bytes(got.stdout)
+            say(f"junit XML: {junit}")
+            rc = self._summarize(junit, rc)
+        else:
+            say("no junit XML came back from the guest")
+            rc = rc or 1
+        return rc
+
+    @staticmethod
+    def _summarize(junit: Path, rc: int) -> int:
+        root = ET.parse(junit).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+        passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+        say(
+            f"system tests in the guest: {passed} passed, {n['failures']} failed, {n['errors']} errors, "
+            f"{n['skipped']} skipped (pytest exit {rc})"
+        )
+        if n["tests"] == 0:
+            say("no system test ran: that is not a green verdict")
+            return rc or 1
+        return rc
+
+    def teardown(self) -> None:
+        if self.vagrant is not None:
+            with self.timings.step("vagrant destroy"):
+                try:
+                    self.vagrant.destroy()
+                except subprocess.CalledProcessError as e:
+                    say(f"vagrant destroy exited {e.returncode}; the libvirt stop below removes the rest")
+        if self.libvirt is None:
+            self.libvirt = self.host_mod.Libvirt(self.log)
+        with self.timings.step("stop libvirt, delete netns"):
+            self.libvirt.down()
+        self.ssh_config.unlink(missing_ok=True)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def cmd_test(keep: bool, run_tests: bool = True) -> int:
+    h = Harness()
+    rc = 2
+    try:
+        h.host_packages()
+        h.box()
+        h.start_libvirt()
+        h.wheelhouse()
+        h.vm_up()
+        checks = h.guest_checks()
+        if run_tests:
+            rc = h.system_tests()
+            rc = rc or (1 if checks else 0)
+        else:
+            rc = 1 if checks else 0
+    except StepError as e:
+        say(str(e))
+        rc = 2
+    except KeyboardInterrupt:
+        say("interrupted")
+        rc = 130
+    finally:
+        # A second Ctrl-C must not leave a VM, daemons or a namespace behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if keep and rc != 130:
+            say("VM kept: `python vm/harness.py ssh` for a shell, `python vm/harness.py down` to remove it")
+        else:
+            try:
+                h.teardown()
+            except StepError as e:
+                say(f"teardown: {e}")
+                rc = rc or 2
+        say("timings:\n" + h.timings.table())
+        verdict = {0: "GREEN", 1: "RED (tests or checks failed)", 130: "INTERRUPTED"}.get(
+            rc, "HARNESS FAILURE" if rc == 2 else f"RED (exit {rc})"
+        )
+        say(f"verdict: {verdict}")
+    return rc
+
+
+def cmd_down() -> int:
+    import host
+    from vagrant import Vagrant
+
+    h = Harness()
+    st = host.RunState.load()
+    env = dict(
+        os.environ,
+        VAGRANT_DEFAULT_PROVIDER="libvirt",
+        JOBSVC_VM_CACHE=str(cache_dir()),
+        JOBSVC_VM_NETNS=st.netns,
+        JOBSVC_VM_POOL=st.pool,
+    )
+    if st.mode == "managed" and not host.libvirt_answers():
+        say("the harness's libvirt is not running: nothing to destroy in it")
+    elif st.mode or host.libvirt_answers():
+        h.vagrant = Vagrant(root=str(HERE), env=env, out_cm=relayed_output, err_cm=relayed_output)
+    h.teardown()
+    return 0
+
+
+def cmd_ssh() -> int:
+    cfg = cache_dir() / "run" / "ssh_config"
+    if not cfg.exists():
+        say("no kept VM: run `python vm/harness.py up` (or VM_KEEP=1 make vm-test) first")
+        return 2
+    os.execvp("ssh", ["ssh", "-F", str(cfg), "default"])
+
+
+def cmd_box() -> int:
+    h = Harness()
+    try:
+        h.host_packages()
+        h.box()
+    except StepError as e:
+        say(str(e))
+        return 2
+    say("timings:\n" + h.timings.table())
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("command", nargs="?", default="test", choices=["test", "up", "ssh", "down", "box"])
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    if args.command == "test":
+        return cmd_test(keep=os.environ.get("VM_KEEP", "") not in ("", "0"))
+    if args.command == "up":
+        return cmd_test(keep=True, run_tests=False)
+    if args.command == "ssh":
+        return cmd_ssh()
+    if args.command == "down":
+        return cmd_down()
+    return cmd_box()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
