@@ -42,6 +42,10 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(PY) proto/generate.py jobsvc/_pb
 
+bench: $(STAMP)
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench $(BENCH_ARGS)
+
 run: $(STAMP)
 	@if [ -z "$$(ls -A $(STATE)/pki 2>/dev/null)" ]; then \
 		$(VENV)/bin/jobsvc pki init $(STATE)/pki --user alice --user bob; fi

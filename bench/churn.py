@@ -1,0 +1,157 @@
+"""Churn: 10,000 jobs of /bin/true started and reaped (32 clients in flight, each Start then Wait), throughput in
+jobs/s, then checks that no groups (under the server's <own>/jobsvc/<instance>/ in every hierarchy), descriptors
+(/proc/<server>/fd) or zombies (children of the server or its spawn helper) are left. Baseline: the same number of
+/bin/true spawned and reaped directly (posix_spawn + waitpid, one thread per core) in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+from bench.common import (
+    Options,
+    Result,
+    Server,
+    fd_targets,
+    processes_with_parent,
+    run_server_bench,
+    start_job,
+    stub,
+    wait_job,
+)
+
+CONCURRENCY = 32
+
+
+def spawn_rate(n: int, threads: int | None = None) -> tuple[float, int]:
+    """(seconds, jobs) to posix_spawn and reap n /bin/true, one thread per core."""
+    threads = threads or (os.cpu_count() or 1)
+    shares = [n // threads + (1 if i < n % threads else 0) for i in range(threads)]
+
+    def work(k: int) -> None:
+        for _ in range(k):
+            pid = os.posix_spawn("/bin/true", ["true"], {})
+            os.waitpid(pid, 0)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in shares]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0, n
+
+
+def leak_report(server: Server, fds_before: dict[str, str]) -> dict[str, Any]:
+    groups = {str(d): sorted(p.name for p in d.iterdir() if p.is_dir()) for d in server.instance_dirs()}
+    fds_now = fd_targets(server.pid)
+    new_fds = {fd: target for fd, target in fds_now.items() if fds_before.get(fd) != target}
+    helper = server.helper_pid
+    parents = [server.pid] + ([helper] if helper else [])
+    kids = [p for p in processes_with_parent(parents) if p[0] != helper]
+    zombies = [p for p in kids if p[2] == "Z"]
+    return {
+        "groups_left": sum(len(v) for v in groups.values()),
+        "groups_left_sample": {k: v[:5] for k, v in groups.items() if v},
+        "fds_before": len(fds_before),
+        "fds_after": len(fds_now),
+        "new_fds_sample": dict(list(new_fds.items())[:10]),
+        "zombies": len(zombies),
+        "job_processes_left": len(kids),
+        "helper_alive": helper is not None,
+    }
+
+
+def run(opts: Options) -> Result:
+    n = 1000 if opts.quick else 10_000
+
+    async def body(server: Server, result: Result) -> None:
+        result.params = {
+            "jobs": n,
+            "command": "/bin/true",
+            "clients_in_flight": CONCURRENCY,
+            "each_client": "Start, then Wait until the job is reaped; one shared mTLS channel",
+            "baseline": "posix_spawn + waitpid of /bin/true, one thread per core",
+        }
+        channel = server.aio_channel()
+        s = stub(channel)
+        failures: list[str] = []
+        try:
+            for _ in range(20):  # warm-up: lazily opened descriptors, the helper, the channel
+                job = await start_job(s, "/bin/true")
+                await wait_job(s, job.id)
+            await asyncio.sleep(0.2)
+            fds_before = fd_targets(server.pid)
+            rss_before = server.rss_mb()
+            cpu0, helper0 = server.cpu_seconds(), server.helper_cpu_seconds()
+            remaining = n
+            done = 0
+
+            async def worker() -> None:
+                nonlocal remaining, done
+                while remaining > 0:
+                    remaining -= 1
+                    try:
+                        job = await start_job(s, "/bin/true")
+                        final = await wait_job(s, job.id)
+                        if final.exit_code != 0:
+                            failures.append(f"{job.id}: exit {final.exit_code}")
+                    except Exception as e:  # count failures, keep churning
+                        failures.append(f"{type(e).__name__}: {e}")
+                    done += 1
+                    if done % 1000 == 0:
+                        print(f"  {done}/{n} jobs, {done / (time.perf_counter() - t0):.0f} jobs/s", flush=True)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+            elapsed = time.perf_counter() - t0
+            cpu, helper = server.cpu_seconds() - cpu0, server.helper_cpu_seconds() - helper0
+            leaks_now = leak_report(server, fds_before)
+            await asyncio.sleep(1.0)
+            leaks = leak_report(server, fds_before)
+            rss_after = server.rss_mb()
+        finally:
+            await channel.close()
+        b_seconds, b_n = spawn_rate(n)
+        rate, b_rate = round(n / elapsed, 1), round(b_n / b_seconds, 1)
+        result.data = {
+            "seconds": round(elapsed, 2),
+            "jobs_per_s": rate,
+            "baseline_jobs_per_s": b_rate,
+            "failures": len(failures),
+            "failure_sample": failures[:5],
+            "server_cpu_ms_per_job": round(1000 * cpu / n, 3),
+            "helper_cpu_ms_per_job": round(1000 * helper / n, 3),
+            "server_rss_mb_before": rss_before,
+            "server_rss_mb_after": rss_after,
+            "leaks_immediately": leaks_now,
+            "leaks_after_1s": leaks,
+        }
+        print(
+            f"  {rate} jobs/s (baseline {b_rate} jobs/s); server CPU {1000 * cpu / n:.2f} ms/job, helper "
+            f"{1000 * helper / n:.2f} ms/job; RSS {rss_before} -> {rss_after} MB; leaks {leaks}",
+            flush=True,
+        )
+        result.check(
+            f"{n:,} x /bin/true started and reaped", rate, "jobs/s", baseline=b_rate, baseline_name="posix_spawn+wait"
+        )
+        result.check("failed jobs", len(failures), "", target="0", ok=not failures)
+        result.check(
+            "groups left under the instance", leaks["groups_left"], "", target="0", ok=leaks["groups_left"] == 0
+        )
+        fd_growth = leaks["fds_after"] - leaks["fds_before"]
+        result.check(
+            "server fds: after - before", fd_growth, f"(of {leaks['fds_before']})", target="<= 0", ok=fd_growth <= 0
+        )
+        result.check(
+            "zombies (children of server or helper)", leaks["zombies"], "", target="0", ok=leaks["zombies"] == 0
+        )
+        result.check(
+            "job processes left", leaks["job_processes_left"], "", target="0", ok=leaks["job_processes_left"] == 0
+        )
+        result.check("server RSS after the churn", rss_after, "MB", baseline=rss_before, baseline_name="before")
+
+    return run_server_bench("churn", opts, body)
