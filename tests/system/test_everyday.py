@@ -44,6 +44,14 @@ def failed(proc: subprocess.CompletedProcess[bytes], code: int = 1) -> str:
     return err
 
 
+def wait_for_output(server: Server, job_id: str, marker: bytes, seconds: float = 10) -> None:
+    """Until the job's stdout so far holds marker (jobctl stream --no-follow returns what exists now)."""
+    deadline = time.monotonic() + seconds
+    while marker not in jobctl(server, "stream", "--no-follow", "--id", job_id).stdout:
+        assert time.monotonic() < deadline, f"no {marker!r} from job {job_id} within {seconds} s"
+        time.sleep(0.05)
+
+
 def test_env_and_env_file(server: Server, tmp_path: Path) -> None:
     env_file = tmp_path / "job.env"
     env_file.write_text("# settings\nGREETING=hello from a file\nNAME=file\n")
@@ -103,10 +111,7 @@ def test_server_timeout_defaults_and_maximum(tmp_path: Path, keys: Pki) -> None:
 def test_stop_with_another_first_signal(server: Server) -> None:
     script = "trap 'echo got INT; exit 3' INT; echo ready; while :; do sleep 0.05; done"
     job_id = ok(server, "start", "--", "sh", "-c", script).strip()
-    deadline = time.monotonic() + 10
-    while b"ready" not in jobctl(server, "stream", "--no-follow", "--id", job_id).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_output(server, job_id, b"ready")
     record = json.loads(ok(server, "stop", "--json", "--signal", "INT", "--grace", "5", "--id", job_id))
     assert record["status"] == "stopped" and record["exit_code"] == 3
     assert jobctl(server, "stream", "--id", job_id).stdout == b"ready\ngot INT\n"
@@ -116,10 +121,7 @@ def test_stop_with_another_first_signal(server: Server) -> None:
 def test_stream_controls(server: Server) -> None:
     script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done; sleep 1000"
     job_id = ok(server, "start", "--", "sh", "-c", script).strip()
-    deadline = time.monotonic() + 10
-    while b"out5" not in jobctl(server, "stream", "--no-follow", "--id", job_id).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_output(server, job_id, b"out5")
     now = jobctl(server, "stream", "--no-follow", "--id", job_id, timeout=20)  # returns while the job runs on
     assert now.returncode == 0
     assert now.stdout == b"out1\nout2\nout3\nout4\nout5\n" and now.stderr == b"err1\nerr2\nerr3\nerr4\nerr5\n"
