@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,7 @@ class Server:
             self.proc.kill()
             code = self.proc.wait()
         self.stopped = True
+        shutil.rmtree(self.work_root, ignore_errors=True)  # the jobs' working directories go with the server
         return code
 
 
