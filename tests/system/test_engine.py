@@ -163,7 +163,7 @@ def rss():
             return int(line.split()[1]) * 1024
 
 async def main():
-    engine = JobManager.open(EngineConfig(state_dir=Path(sys.argv[1])))
+    engine = JobManager.open(EngineConfig(state_dir=Path(sys.argv[1]), work_root=Path(sys.argv[2])))
     start_rss = rss()
     rec = await engine.start("alice", ["head", "-c", "1G", "/dev/zero"])
     peak, total = rss(), 0
@@ -180,14 +180,17 @@ asyncio.run(main())
 """
 
 
-def test_memory_stays_flat_while_a_job_writes_a_gibibyte(tmp_path: Path) -> None:
+def test_memory_stays_flat_while_a_job_writes_a_gibibyte(tmp_path: Path, work_root: Path) -> None:
     # A fresh process, so the figure is the engine's own, not what earlier tests left in pytest's heap.
     import json
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", RSS_PROBE, str(tmp_path / "state")], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", RSS_PROBE, str(tmp_path / "state"), str(work_root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
