@@ -275,6 +275,7 @@ class Job:
             # The spawn helper died, so nobody can reap the leader: end the job by force.
             log.error("job %s: the spawn helper is gone; killing the job", self.id)
             status = signal.SIGKILL  # a wait status meaning "killed by SIGKILL"
+            self._stop_reason = self._stop_reason or "spawn helper died"
         loop = asyncio.get_running_loop()
         if self._stop_deadline is not None:
             # A stop is in progress: the rest of the group gets its grace period too.

@@ -294,6 +294,11 @@ class JobManager:
                 timeout=timeout,
                 timeout_grace=self.config.default_grace,
             )
+            if not self._spawner.alive:
+                # Its jobs lost their parent (they are being killed); new jobs get a new helper.
+                log.error("the spawn helper died; starting a new one")
+                self._spawner.close()
+                self._spawner = Spawner.launch()
             try:
                 pid, exit_status = await self._spawner.spawn(request, out_w, err_w)
             except SpawnError as e:

@@ -60,6 +60,7 @@ class Spawner:
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._gone = False
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -128,7 +129,12 @@ class Spawner:
                 self._exits[msg["pid"]] = self._loop.create_future()
             reply.set_result(msg)
 
+    @property
+    def alive(self) -> bool:
+        return not self._gone and self._proc.poll() is None
+
     def _helper_gone(self) -> None:
+        self._gone = True
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         err = ConnectionError("the spawn helper exited")

@@ -213,3 +213,15 @@ async def test_two_engines_on_one_host_do_not_touch_each_other(engine: JobManage
     finally:
         await other.shutdown(grace=0.5)
     assert os.path.isdir(job_group_dirs(engine, mine.id)[0])
+
+
+async def test_a_dead_spawn_helper_is_replaced_and_its_jobs_do_not_linger(engine: JobManager) -> None:
+    orphan = await engine.start("alice", ["sleep", "1000"])
+    old_helper = engine.helper_pid
+    os.kill(old_helper, signal.SIGKILL)
+    ended = await asyncio.wait_for(engine.wait("alice", orphan.id), 20)
+    assert ended.status is JobStatus.STOPPED and ended.reason == "spawn helper died"
+    assert processes_in_cgroup_named(orphan.id) == []
+    fresh = await engine.start("alice", ["echo", "still starting jobs"])
+    assert engine.helper_pid != old_helper
+    assert (await read_all(engine, "alice", fresh.id))[STDOUT] == b"still starting jobs\n"
