@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from bench.common import (
     run_server_bench,
     start_job,
     stub,
+    timed_threads,
     wait_job,
 )
 
@@ -36,13 +36,7 @@ def spawn_rate(n: int, threads: int | None = None) -> tuple[float, int]:
             pid = os.posix_spawn("/bin/true", ["true"], {})
             os.waitpid(pid, 0)
 
-    ts = [threading.Thread(target=work, args=(k,)) for k in shares]
-    t0 = time.perf_counter()
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return time.perf_counter() - t0, n
+    return timed_threads(work, shares), n
 
 
 def leak_report(server: Server, fds_before: dict[str, str]) -> dict[str, Any]:

@@ -14,8 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,17 @@ class Options:
 
 
 # -- statistics ------------------------------------------------------------------------------------------------------
+
+
+def timed_threads(work: Callable[[Any], object], args: Iterable[Any]) -> float:
+    """Seconds for work(a) to run in one thread per a, all started together."""
+    threads = [threading.Thread(target=work, args=(a,)) for a in args]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -42,6 +42,7 @@ from bench.common import (
     self_cpu_seconds,
     start_job,
     stub,
+    timed_threads,
     wait_job,
 )
 from bench.peer import open_stream as peer_stream
@@ -302,13 +303,7 @@ def read_files_rate(paths: list[Path], repeats: int, threads: int | None = None)
                     os.close(fd)
 
     work(1)  # page cache warm
-    ts = [threading.Thread(target=work, args=(k,)) for k in shares]
-    t0 = time.perf_counter()
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return time.perf_counter() - t0, size * repeats
+    return timed_threads(work, shares), size * repeats
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------------------

@@ -49,20 +49,16 @@ def _opt(msg: object, name: str) -> object | None:
     return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
 
 
+def _present(obj: object, names: tuple[str, ...]) -> dict[str, object]:
+    """The named attributes of obj that are set (not None): what an optional proto field carries."""
+    return {n: v for n in names if (v := getattr(obj, n)) is not None}
+
+
 def limits_to_pb(limits: Limits) -> pb.Limits:
-    out = pb.Limits(
-        io=[
-            pb.IoLimit(device=io.device, **{f: getattr(io, f) for f in _IO_FIELDS if getattr(io, f) is not None})
-            for io in limits.io
-        ]
+    return pb.Limits(
+        io=[pb.IoLimit(device=io.device, **_present(io, _IO_FIELDS)) for io in limits.io],  # type: ignore[arg-type]
+        **_present(limits, ("cpu", "memory_bytes", "pids")),  # type: ignore[arg-type]
     )
-    if limits.cpu is not None:
-        out.cpu = limits.cpu
-    if limits.memory_bytes is not None:
-        out.memory_bytes = limits.memory_bytes
-    if limits.pids is not None:
-        out.pids = limits.pids
-    return out
 
 
 def limits_from_pb(msg: pb.Limits) -> Limits:
@@ -75,8 +71,10 @@ def limits_from_pb(msg: pb.Limits) -> Limits:
 
 
 def job_to_pb(r: JobRecord) -> pb.Job:
-    usage = pb.Usage(**{f: getattr(r.usage, f) for f in _USAGE_FIELDS if getattr(r.usage, f) is not None})
-    msg = pb.Job(
+    optional = _present(r, ("reason", "exit_code", "signal", "pid", "uid", "timeout_seconds"))
+    if r.ended_at is not None:
+        optional["ended_at"] = _ts(r.ended_at)
+    return pb.Job(
         id=r.id,
         owner=r.owner,
         command=list(r.command),
@@ -84,27 +82,13 @@ def job_to_pb(r: JobRecord) -> pb.Job:
         oom_killed=r.oom_killed,
         started_at=_ts(r.started_at),
         limits=limits_to_pb(r.limits),
-        usage=usage,
+        usage=pb.Usage(**_present(r.usage, _USAGE_FIELDS)),  # type: ignore[arg-type]
         output_bytes=r.output_bytes,
         output_dropped_bytes=r.output_dropped_bytes,
         output_lost_bytes=r.output_lost_bytes,
         workdir=r.workdir or "",
+        **optional,  # type: ignore[arg-type]
     )
-    if r.reason is not None:
-        msg.reason = r.reason
-    if r.exit_code is not None:
-        msg.exit_code = r.exit_code
-    if r.signal is not None:
-        msg.signal = r.signal
-    if r.ended_at is not None:
-        msg.ended_at.CopyFrom(_ts(r.ended_at))
-    if r.pid is not None:
-        msg.pid = r.pid
-    if r.uid is not None:
-        msg.uid = r.uid
-    if r.timeout_seconds is not None:
-        msg.timeout_seconds = r.timeout_seconds
-    return msg
 
 
 def job_from_pb(msg: pb.Job) -> JobRecord:

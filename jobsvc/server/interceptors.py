@@ -140,14 +140,10 @@ def _rewrap(
     return handler
 
 
-class IdentityInterceptor(aio.ServerInterceptor):
-    """Every JobService call runs as the caller's certificate Subject; no verified certificate, no call.
+class _JobServiceInterceptor(aio.ServerInterceptor):
+    """Wraps JobService handlers (health and reflection pass through untouched)."""
 
-    With a TrustPolicy, a revoked certificate is UNAUTHENTICATED and a denied Subject PERMISSION_DENIED.
-    """
-
-    def __init__(self, trust: TrustPolicy | None = None) -> None:
-        self._trust = trust
+    tolerant = False  # whether requests that do not parse reach the wrapper as MalformedRequest
 
     async def intercept_service(
         self,
@@ -157,7 +153,22 @@ class IdentityInterceptor(aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(JOB_SERVICE_PREFIX):
             return handler
+        return _rewrap(handler, *self.wrappers(details.method), tolerant=self.tolerant)
 
+    def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
+        raise NotImplementedError
+
+
+class IdentityInterceptor(_JobServiceInterceptor):
+    """Every JobService call runs as the caller's certificate Subject; no verified certificate, no call.
+
+    With a TrustPolicy, a revoked certificate is UNAUTHENTICATED and a denied Subject PERMISSION_DENIED.
+    """
+
+    def __init__(self, trust: TrustPolicy | None = None) -> None:
+        self._trust = trust
+
+    def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
         trust = self._trust
 
         async def establish(context: aio.ServicerContext) -> None:
@@ -187,10 +198,10 @@ class IdentityInterceptor(aio.ServerInterceptor):
 
             return call
 
-        return _rewrap(handler, unary, streaming)
+        return unary, streaming
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ErrorInterceptor(_JobServiceInterceptor):
     """JobError -> its status with its message; anything else -> INTERNAL, generic, traceback in the log.
 
     Also writes the one structured line per request (identity, method, job id, argv for Start, outcome, duration,
@@ -215,15 +226,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
         if self._audit is not None:
             self._audit.write(entry)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(JOB_SERVICE_PREFIX):
-            return handler
-        method = details.method
+    tolerant = True
+
+    def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
 
         def unary(behavior: Unary) -> Unary:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
@@ -271,7 +276,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
             return call
 
-        return _rewrap(handler, unary, streaming, tolerant=True)
+        return unary, streaming
 
 
 def _map(e: BaseException, context: aio.ServicerContext, method: str) -> tuple[str, grpc.StatusCode | None, str]:
