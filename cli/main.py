@@ -617,4 +617,19 @@ def context_use(name: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="jobctl")
+    try:
+        cli(prog_name="jobctl")
+        code: Any = 0
+    except SystemExit as e:  # click ends every run this way
+        code = e.code
+        if not isinstance(code, int) and code is not None:  # sys.exit("message"), as Python would print it
+            print(code, file=sys.stderr)
+            code = 1
+    # Leave without the interpreter's teardown (collecting and freeing every module of grpc and protobuf costs
+    # more than the command itself); the client's channel is already closed and only the buffers remain.
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_exit(141)
+    sys.stderr.flush()
+    os._exit(code or 0)
