@@ -20,8 +20,16 @@ def write_file(path: Path | str, value: str) -> None:
 
 
 def read_file(path: Path | str) -> str:
-    with open(path) as f:
-        return f.read()
+    """The whole file, read with plain syscalls: half the cost of open() and its buffered text layers, which
+    matters on Get, where a running job's usage is four of these reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 65536):
+            parts.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(parts).decode()
 
 
 def read_int(path: Path | str) -> int | None:

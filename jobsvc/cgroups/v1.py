@@ -57,7 +57,9 @@ class Controller:
     def apply(self, group: Path, limits: Limits) -> None:
         """Write only the limits that are set; OSError propagates (the caller names the field)."""
 
-    def usage(self, group: Path) -> dict[str, int | float | None]:
+    def usage(self, group: str) -> dict[str, int | float | None]:
+        """The usage figures this controller owns, read from the group directory `group` (a str: Get pays for
+        every path join)."""
         return {}
 
 
@@ -76,9 +78,9 @@ class Cpu(Controller):
             _write_limit(group / "cpu.cfs_period_us", str(CFS_PERIOD_US), "cpu")
             _write_limit(group / "cpu.cfs_quota_us", str(round(limits.cpu * CFS_PERIOD_US)), "cpu")
 
-    def usage(self, group: Path) -> dict[str, int | float | None]:
+    def usage(self, group: str) -> dict[str, int | float | None]:
         try:
-            stat = dict(line.split() for line in read_file(group / "cpu.stat").splitlines())
+            stat = dict(line.split() for line in read_file(f"{group}/cpu.stat").splitlines())
         except OSError:
             return {}
         return {"cpu_throttled_periods": int(stat.get("nr_throttled", 0))}
@@ -87,8 +89,8 @@ class Cpu(Controller):
 class Cpuacct(Controller):
     name = "cpuacct"
 
-    def usage(self, group: Path) -> dict[str, int | float | None]:
-        ns = read_int(group / "cpuacct.usage")
+    def usage(self, group: str) -> dict[str, int | float | None]:
+        ns = read_int(f"{group}/cpuacct.usage")
         return {"cpu_seconds": None if ns is None else ns / 1e9}
 
 
@@ -103,8 +105,8 @@ class Memory(Controller):
             if memsw.exists():  # only with swap accounting; then swap cannot dodge the limit
                 _write_limit(memsw, value, "memory")
 
-    def usage(self, group: Path) -> dict[str, int | float | None]:
-        return {"memory_peak_bytes": read_int(group / "memory.max_usage_in_bytes")}
+    def usage(self, group: str) -> dict[str, int | float | None]:
+        return {"memory_peak_bytes": read_int(f"{group}/memory.max_usage_in_bytes")}
 
     @staticmethod
     def oom_kills(group: Path) -> int:
@@ -135,9 +137,9 @@ class Blkio(Controller):
                 if value is not None:
                     _write_limit(group / file, f"{io.device} {value}", f"io {name} for {io.device}")
 
-    def usage(self, group: Path) -> dict[str, int | float | None]:
+    def usage(self, group: str) -> dict[str, int | float | None]:
         try:
-            text = read_file(group / "blkio.throttle.io_service_bytes")
+            text = read_file(f"{group}/blkio.throttle.io_service_bytes")
         except OSError:
             return {}
         read = write = 0
@@ -173,6 +175,7 @@ class V1Group:
         self._dirs = dirs
         self._unique = list(dict.fromkeys(dirs.values()))
         self._join = tuple(str(d / "cgroup.procs") for d in self._unique)
+        self._usage_dirs = [(c, str(dirs[c.name])) for c in CONTROLLERS if type(c).usage is not Controller.usage]
 
     @property
     def join_files(self) -> Sequence[str]:
@@ -203,8 +206,8 @@ class V1Group:
 
     def usage(self) -> Usage:
         fields: dict[str, int | float | None] = {}
-        for c in CONTROLLERS:
-            fields.update(c.usage(self._dirs[c.name]))
+        for c, d in self._usage_dirs:
+            fields.update(c.usage(d))
         return Usage(**fields)  # type: ignore[arg-type]
 
     def destroy(self) -> bool:

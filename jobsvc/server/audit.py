@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from jobsvc.job import utc_now
 from jobsvc.model import format_time
@@ -19,8 +17,10 @@ class AuditLog:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def write(self, entry: dict[str, Any]) -> None:
-        line = json.dumps({"time": format_time(utc_now()), **entry}, separators=(",", ":")) + "\n"
+    def write(self, entry: str) -> None:
+        """Append one entry, given as a serialized JSON object (the request log's line), with the time put first."""
+        stamp = f'{{"time":"{format_time(utc_now())}"'
+        line = stamp + ("}" if entry == "{}" else "," + entry[1:]) + "\n"
         with contextlib.suppress(OSError):  # a full disk must not fail the call; the server log has the line too
             os.write(self._fd, line.encode())
 

@@ -145,15 +145,26 @@ class _JobServiceInterceptor(aio.ServerInterceptor):
 
     tolerant = False  # whether requests that do not parse reach the wrapper as MalformedRequest
 
+    def __init__(self) -> None:
+        # method -> (the handler we were given, our wrapped one): the wrappers hold nothing per call, so each
+        # method is wrapped once, not on every call (that rebuilt closures and handlers on the hot path)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(JOB_SERVICE_PREFIX):
+        method = details.method
+        if handler is None or not method.startswith(JOB_SERVICE_PREFIX):
             return handler
-        return _rewrap(handler, *self.wrappers(details.method), tolerant=self.tolerant)
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _rewrap(handler, *self.wrappers(method), tolerant=self.tolerant)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
         raise NotImplementedError
@@ -166,6 +177,7 @@ class IdentityInterceptor(_JobServiceInterceptor):
     """
 
     def __init__(self, trust: TrustPolicy | None = None) -> None:
+        super().__init__()
         self._trust = trust
 
     def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
@@ -209,6 +221,7 @@ class ErrorInterceptor(_JobServiceInterceptor):
     """
 
     def __init__(self, audit: AuditLog | None = None) -> None:
+        super().__init__()
         self._audit = audit
 
     def _record(
@@ -221,10 +234,10 @@ class ErrorInterceptor(_JobServiceInterceptor):
         started: float,
         **extra: Any,
     ) -> None:
-        entry = _request_entry(peer, method, request, job_id, outcome, started, **extra)
-        request_log.info(json.dumps(entry))
+        line = json.dumps(_request_entry(peer, method, request, job_id, outcome, started, **extra))
+        request_log.info(line)
         if self._audit is not None:
-            self._audit.write(entry)
+            self._audit.write(line)  # serialized once for both logs
 
     tolerant = True
 
@@ -264,7 +277,7 @@ class ErrorInterceptor(_JobServiceInterceptor):
                     if isinstance(request, MalformedRequest):
                         raise InvalidArgumentError("malformed request")
                     async for item in behavior(request, context):
-                        sent += len(getattr(item, "data", b""))
+                        sent += len(item) if isinstance(item, bytes) else item.ByteSize()
                         yield item
                 except BaseException as e:
                     outcome, code, message = _map(e, context, method)
