@@ -23,7 +23,7 @@ from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, Unavaila
 from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
-from jobsvc.output import Chunk, OutputLog, segment_size_for
+from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
 from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
@@ -124,7 +124,8 @@ class JobManager:
         self._uids = UidPool(*config.uid_range)
         self._users: dict[str, JobUser] = {}
         self._running: dict[str, int] = {}
-        self._streams: dict[str, int] = {}
+        self._streams: dict[str, int] = {}  # open streams per user (the quota)
+        self._open_streams = 0  # all users (the message size)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsaved: dict[str, JobRecord] = {}
@@ -393,15 +394,20 @@ class JobManager:
             )
         if tail_lines is not None:
             from_offset = job.output.tail_offset(tail_lines, only)
-        return self._counted_stream(owner, job.output.follow(from_offset, follow, only))
+        return self._counted_stream(owner, job.output.follow(from_offset, follow, only, self._chunk_size))
+
+    def _chunk_size(self) -> int:
+        return chunk_size_for(self._open_streams)
 
     async def _counted_stream(self, owner: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         self._streams[owner] = self._streams.get(owner, 0) + 1
+        self._open_streams += 1
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
             self._streams[owner] -= 1
+            self._open_streams -= 1
             await chunks.aclose()  # type: ignore[attr-defined]
 
     # -- storage ----------------------------------------------------------------------------------------------------

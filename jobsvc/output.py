@@ -13,16 +13,31 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 STDOUT = 1
 STDERR = 2
-CHUNK_SIZE = 256 * 1024  # the largest Stream message; bigger ones gain nothing and cost memory
+MAX_CHUNK = 1024 * 1024  # the largest Stream message (clients accept 4 MiB)
+MIN_CHUNK = 32 * 1024
+STREAM_BUFFER_BUDGET = 32 * 1024 * 1024  # chunks in flight across all streams, roughly (see chunk_size_for)
 SEGMENT_SIZE = 64 * 1024 * 1024
 _RUN = struct.Struct("<QB7x")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+def chunk_size_for(streams: int) -> int:
+    """The largest Stream message while `streams` are open: 1 MiB for a few, halved until they fit the budget.
+
+    Each open stream holds about two of its messages in the server (the one being sent, the one gRPC is
+    writing), so at 1,000 clients 256 KiB messages meant 0.7-1.2 GB of RSS; large messages only pay off when few
+    clients share the cores (per-message costs dominate there).
+    """
+    size = MAX_CHUNK
+    while size > MIN_CHUNK and size * streams > STREAM_BUFFER_BUDGET:
+        size //= 2
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,10 +266,17 @@ class OutputLog:
         # shield: one reader's cancellation must not cancel the future every reader shares
         await asyncio.shield(self._waiter)
 
-    async def follow(self, from_offset: int = 0, follow: bool = True, only: int | None = None) -> AsyncIterator[Chunk]:
+    async def follow(
+        self,
+        from_offset: int = 0,
+        follow: bool = True,
+        only: int | None = None,
+        chunk_size: Callable[[], int] = lambda: MAX_CHUNK,
+    ) -> AsyncIterator[Chunk]:
         """Everything from from_offset (or the oldest retained byte), then live output until the log closes.
 
-        follow=False ends at the output that exists now; only=STDOUT or STDERR skips the other stream.
+        follow=False ends at the output that exists now; only=STDOUT or STDERR skips the other stream;
+        chunk_size() is asked before each read for the largest chunk.
         """
         self._readers += 1
         try:
@@ -272,7 +294,7 @@ class OutputLog:
                         pos = min(run_end, limit)
                         continue
                     k, within = divmod(pos, self._seg_size)
-                    n = min(CHUNK_SIZE, run_end - pos, self._seg_size - within, limit - pos)
+                    n = min(chunk_size(), run_end - pos, self._seg_size - within, limit - pos)
                     data = os.pread(self._read_fd(k), n, within)
                     if not data:
                         raise OSError(f"output segment {k} is shorter than the log says")

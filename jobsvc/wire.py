@@ -113,3 +113,29 @@ def job_from_pb(msg: pb.Job) -> JobRecord:
         timeout_seconds=_opt(msg, "timeout_seconds"),  # type: ignore[arg-type]
         workdir=msg.workdir or None,
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_stream_response(data: bytes, stream: int, offset: int) -> bytes:
+    """A StreamResponse in its wire form, byte for byte what StreamResponse(...).SerializeToString() gives.
+
+    Stream is the bulk path: building a message object copies the chunk into a fresh upb arena and serializing
+    copies it again, and those large short-lived allocations made glibc trim and re-fault the heap on every
+    message (0.5 ms per 256 KiB on this host). Here a chunk is copied once, next to a header of a few bytes.
+    """
+    parts: list[bytes] = []
+    if data:
+        parts += (b"\x0a", _varint(len(data)), data)  # field 1, length-delimited
+    if stream:
+        parts += (b"\x10", _varint(stream))  # field 2, varint (an enum)
+    if offset:
+        parts += (b"\x18", _varint(offset))  # field 3, varint
+    return b"".join(parts)

@@ -16,11 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobsvc._pb import jobs_pb2 as pb
-from jobsvc._pb import jobs_pb2_grpc as pb_grpc
 from jobsvc.manager import EngineConfig, JobManager
 from jobsvc.server.audit import AuditLog
 from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
-from jobsvc.server.servicer import JobServicer
+from jobsvc.server.servicer import JobServicer, add_to_server
 from jobsvc.server.tls import CredentialsError, TrustFiles, TrustPolicy
 
 log = logging.getLogger("jobsvc.server")
@@ -55,7 +54,7 @@ async def build_server(
             ("grpc.max_send_message_length", 4 << 20),
         ],
     )
-    pb_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
+    add_to_server(JobServicer(manager), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

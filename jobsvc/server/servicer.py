@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import grpc
 from grpc import aio
 
 from jobsvc._pb import jobs_pb2 as pb
@@ -12,7 +13,7 @@ from jobsvc.errors import InvalidArgumentError
 from jobsvc.manager import JobManager
 from jobsvc.output import STDERR, STDOUT
 from jobsvc.server.interceptors import current_identity
-from jobsvc.wire import job_to_pb, limits_from_pb, status_from_pb
+from jobsvc.wire import encode_stream_response, job_to_pb, limits_from_pb, status_from_pb
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
@@ -46,7 +47,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         since = request.since_seconds if request.HasField("since_seconds") else None
         return pb.ListResponse(jobs=[job_to_pb(r) for r in self._m.list(current_identity(), status, since)])
 
-    async def Stream(self, request: pb.StreamRequest, context: aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
+    async def Stream(self, request: pb.StreamRequest, context: aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Yields StreamResponse messages already encoded (add_to_server registers Stream without a serializer)."""
         only = {pb.OUTPUT_STREAM_STDOUT: STDOUT, pb.OUTPUT_STREAM_STDERR: STDERR}.get(request.only)
         if request.only and only is None:
             raise InvalidArgumentError(f"unknown output stream {request.only}")
@@ -60,4 +62,24 @@ class JobServicer(pb_grpc.JobServiceServicer):
         )
         async for chunk in chunks:
             stream = pb.OUTPUT_STREAM_STDERR if chunk.fd == STDERR else pb.OUTPUT_STREAM_STDOUT
-            yield pb.StreamResponse(data=chunk.data, stream=stream, offset=chunk.offset)
+            yield encode_stream_response(chunk.data, stream, chunk.offset)
+
+
+PRE_ENCODED = frozenset({"Stream"})  # methods whose responses the servicer encodes itself
+
+
+def add_to_server(servicer: JobServicer, server: aio.Server) -> None:
+    """Register JobService as the generated add_JobServiceServicer_to_server does, from the same descriptor, except
+    that the PRE_ENCODED methods' responses go out as the servicer made them."""
+    service = pb.DESCRIPTOR.services_by_name["JobService"]
+    handlers = {}
+    for method in service.methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        response = None if method.name in PRE_ENCODED else getattr(pb, method.output_type.name).SerializeToString
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=response,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]  # not in the ABC

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobsvc.output import CHUNK_SIZE, STDERR, STDOUT, Chunk, OutputLog
+from jobsvc.output import MAX_CHUNK, MIN_CHUNK, STDERR, STDOUT, Chunk, OutputLog, chunk_size_for
 
 
 async def collect(log: OutputLog, from_offset: int = 0) -> list[Chunk]:
@@ -37,7 +37,7 @@ async def test_hundred_concurrent_readers_get_identical_bytes(tmp_path: Path) ->
         assert hashlib.sha256(joined(chunks)).hexdigest() == digest.hexdigest()
         offsets = [c.offset for c in chunks]
         assert offsets == sorted(offsets)
-        assert all(len(c.data) <= CHUNK_SIZE for c in chunks)
+        assert all(len(c.data) <= MAX_CHUNK for c in chunks)
 
 
 async def test_chunks_carry_their_offsets_and_streams(tmp_path: Path) -> None:
@@ -249,3 +249,21 @@ async def test_no_follow_only_and_tail(tmp_path: Path) -> None:
     log.append(STDOUT, b"\n")
     log.close()
     assert joined([c async for c in log.follow(log.tail_offset(1), only=STDOUT)]) == b"o4\n"
+
+
+def test_message_size_shrinks_as_streams_multiply() -> None:
+    assert chunk_size_for(0) == chunk_size_for(1) == chunk_size_for(10) == MAX_CHUNK
+    sizes = [chunk_size_for(n) for n in (1, 10, 32, 33, 100, 1000, 100_000)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == MIN_CHUNK
+    assert chunk_size_for(1000) * 1000 <= 32 << 20  # a thousand streams hold tens of MiB, not a gigabyte
+
+
+async def test_a_reader_asks_for_its_chunk_size_before_each_read(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out")
+    log.append(STDOUT, bytes(range(256)) * 100)
+    log.notify()
+    log.close()
+    sizes = iter([1000, 7, 100_000])
+    chunks = [c async for c in log.follow(chunk_size=lambda: next(sizes))]
+    assert [len(c.data) for c in chunks] == [1000, 7, 25_600 - 1007]  # the last read is what is left
+    assert joined(chunks) == bytes(range(256)) * 100

@@ -1,0 +1,29 @@
+"""The hand-made wire form of StreamResponse must be exactly what protobuf makes (and parses back)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobsvc._pb import jobs_pb2 as pb
+from jobsvc.wire import encode_stream_response
+
+SIZES = [0, 1, 127, 128, 16383, 16384, 2097151, 2097152]  # around every varint length boundary
+
+
+@given(
+    data=st.binary(max_size=300) | st.sampled_from(SIZES).map(lambda n: b"\x00" * n),
+    stream=st.sampled_from([0, pb.OUTPUT_STREAM_STDOUT, pb.OUTPUT_STREAM_STDERR]),
+    offset=st.integers(min_value=0, max_value=2**64 - 1) | st.sampled_from([0, 127, 128, 2**63, 2**64 - 1]),
+)
+def test_encoded_stream_response_is_protobufs_own_encoding(data: bytes, stream: int, offset: int) -> None:
+    mine = encode_stream_response(data, stream, offset)
+    assert mine == pb.StreamResponse(data=data, stream=stream, offset=offset).SerializeToString()  # type: ignore[arg-type]
+    back = pb.StreamResponse.FromString(mine)
+    assert (back.data, back.stream, back.offset) == (data, stream, offset)
+
+
+def test_a_large_chunk_keeps_its_bytes() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    back = pb.StreamResponse.FromString(encode_stream_response(data, pb.OUTPUT_STREAM_STDERR, 5 << 30))
+    assert back.data == data and back.stream == pb.OUTPUT_STREAM_STDERR and back.offset == 5 << 30
