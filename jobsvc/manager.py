@@ -20,6 +20,7 @@ from pathlib import Path
 from jobsvc.authz import Authz
 from jobsvc.cgroups.base import CgroupDriver, detect
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
+from jobsvc.heap import release_free_heap
 from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
@@ -126,6 +127,7 @@ class JobManager:
         self._running: dict[str, int] = {}
         self._streams: dict[str, int] = {}  # open streams per user (the quota)
         self._open_streams = 0  # all users (the message size)
+        self._trim_due = False  # the last open stream ended: give its buffers back (janitor)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsaved: dict[str, JobRecord] = {}
@@ -408,6 +410,7 @@ class JobManager:
         finally:
             self._streams[owner] -= 1
             self._open_streams -= 1
+            self._trim_due = self._trim_due or self._open_streams == 0
             await chunks.aclose()  # type: ignore[attr-defined]
 
     # -- storage ----------------------------------------------------------------------------------------------------
@@ -427,6 +430,9 @@ class JobManager:
                 self.collect_garbage()
             except Exception:
                 log.exception("janitor failed")
+            if self._trim_due and self._open_streams == 0:
+                self._trim_due = False
+                release_free_heap()
 
     def collect_garbage(self) -> None:
         """Retry unsaved records; apply retention (per-user count, age, total output), oldest ended jobs first."""

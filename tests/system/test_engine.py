@@ -225,3 +225,30 @@ async def test_a_dead_spawn_helper_is_replaced_and_its_jobs_do_not_linger(engine
     fresh = await engine.start("alice", ["echo", "still starting jobs"])
     assert engine.helper_pid != old_helper
     assert (await read_all(engine, "alice", fresh.id))[STDOUT] == b"still starting jobs\n"
+
+
+async def test_the_janitor_returns_freed_memory_once_the_last_stream_ends(
+    tmp_path: Path, work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobsvc.manager
+
+    trims: list[int] = []
+    monkeypatch.setattr(jobsvc.manager, "release_free_heap", lambda: trims.append(1) or True)
+    m = JobManager.open(EngineConfig(state_dir=tmp_path / "state", work_root=work_root, janitor_interval=0.02))
+    await m.reconcile()
+    try:
+        job = await m.start("alice", ["sh", "-c", "head -c 3000000 /dev/zero; sleep 0.3; echo end"])
+        readers = [m.stream("alice", job.id) for _ in range(3)]
+        first = [await anext(r) for r in readers]  # three streams open
+        assert all(c.data for c in first)
+        await asyncio.sleep(0.1)
+        assert trims == [], "trimmed while streams were open"
+        for r in readers:
+            async for _ in r:
+                pass
+        await asyncio.sleep(0.2)
+        assert trims == [1], "one trim after the last stream ended"
+        await asyncio.sleep(0.1)
+        assert trims == [1], "no trim without new streams"
+    finally:
+        await m.shutdown(grace=0.5)
