@@ -1,7 +1,7 @@
-"""Start processes already inside their cgroups, from one small single-threaded helper.
+"""Start processes already inside their cgroups, from one small single-threaded helper (jobsvc/spawn_helper.py).
 
 The threaded gRPC server must not fork Python code (preexec_fn is unsafe with threads), and a process must not run a
-single instruction outside its groups. So the server starts this module as a helper process before anything else;
+single instruction outside its groups. So the server starts the helper process before anything else (Spawner.launch);
 the helper forks, the child joins the job's groups, resets its signals, takes its stdio and execs. Exec failures come
 back on a CLOEXEC status pipe with the errno, never as a fake exit status. The helper is the parent (and a child
 subreaper) of every job, reaps them and reports each leader's wait status to the server.
@@ -16,7 +16,6 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,10 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-MAX_MESSAGE = 4 * 1024 * 1024
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_CHILD_SUBREAPER = 36
+from jobsvc.spawn_helper import MAX_MESSAGE
 
 
 class SpawnError(OSError):
@@ -75,7 +71,7 @@ class Spawner:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join([package_root, *(p for p in sys.path if p)])
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-m", "jobsvc.spawn", str(child.fileno()), str(os.getpid())],
+            [sys.executable, "-S", "-m", "jobsvc.spawn_helper", str(child.fileno()), str(os.getpid())],
             pass_fds=[child.fileno()],
             stdin=subprocess.DEVNULL,
             env={"PYTHONPATH": path},
@@ -193,157 +189,3 @@ class Spawner:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The helper process. Runs single-threaded; everything below happens in it or in its forked children.
-
-
-def _prctl(option: int, arg: int) -> None:
-    import ctypes  # loaded by the helper at start, so the forked child imports nothing
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, arg, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
-    """In the forked child: join the groups, set up, exec. Never returns."""
-    stage = "setup"
-    try:
-        os.setsid()
-        stage = "cgroup"
-        for path in msg["join"]:
-            fd = os.open(path, os.O_WRONLY)
-            os.write(fd, b"0")
-            os.close(fd)
-        stage = "setup"
-        with contextlib.suppress(OSError):
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            os.write(fd, b"0")
-            os.close(fd)
-        for sig in range(1, signal.NSIG):
-            with contextlib.suppress(OSError, ValueError, RuntimeError):
-                signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        for fd in {null, out, err} - {0, 1, 2}:
-            os.close(fd)
-        if msg["umask"] is not None:
-            os.umask(msg["umask"])
-        stage = "user"
-        if msg["gid"] is not None:
-            os.setgroups([])
-            os.setgid(msg["gid"])
-        if msg["uid"] is not None:
-            os.setuid(msg["uid"])
-        # no setuid binary, file capability or LSM transition can give the job more than it starts with
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        stage = "cwd"
-        os.chdir(msg["cwd"])  # as the job's user: it must be able to enter its working directory
-        stage = "exec"
-        argv = [os.fsencode(a) for a in msg["argv"]]
-        env = {os.fsencode(k): os.fsencode(v) for k, v in msg["env"].items()}
-        os.execvpe(argv[0], argv, env)
-    except OSError as e:
-        report = {"errno": e.errno or errno.EIO, "stage": stage, "detail": str(e.filename or "")}
-    except BaseException as e:
-        report = {"errno": errno.EIO, "stage": stage, "detail": type(e).__name__}
-    with contextlib.suppress(BaseException):
-        os.write(status_w, json.dumps(report).encode())
-    os._exit(127)
-
-
-def _spawn(msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-    if len(fds) != 2 or not msg.get("argv"):
-        for fd in fds:
-            os.close(fd)
-        return {"seq": msg.get("seq"), "errno": errno.EINVAL, "stage": "request", "detail": "bad request"}
-    out, err = fds
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-    except OSError as e:
-        os.close(status_r)
-        os.close(status_w)
-        os.close(out)
-        os.close(err)
-        return {"seq": msg["seq"], "errno": e.errno, "stage": "fork", "detail": ""}
-    if pid == 0:
-        os.close(status_r)
-        _child(msg, out, err, status_w)
-    os.close(status_w)
-    os.close(out)
-    os.close(err)
-    chunks = []
-    while True:  # EOF means the exec succeeded (the pipe closed on exec)
-        chunk = os.read(status_r, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(status_r)
-    if not chunks:
-        return {"seq": msg["seq"], "pid": pid}
-    os.waitpid(pid, 0)
-    report: dict[str, Any] = json.loads(b"".join(chunks))
-    report["seq"] = msg["seq"]
-    return report
-
-
-def _reap(sock: socket.socket, leaders: set[int]) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if pid in leaders:
-            leaders.discard(pid)
-            sock.sendall(json.dumps({"exit": pid, "status": status}).encode())
-
-
-def helper_main(sock_fd: int, server_pid: int) -> None:
-    """The helper's loop: spawn on request, reap on SIGCHLD, exit when the server goes away."""
-    import select
-
-    sock = socket.socket(fileno=sock_fd)
-    os.set_inheritable(sock_fd, False)
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != server_pid:
-        os._exit(0)
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    # Ctrl-C in the server's terminal is the server's to handle; the helper ends when its socket closes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    leaders: set[int] = set()
-    sock.sendall(json.dumps({"ready": os.getpid()}).encode())
-    while True:
-        try:
-            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
-        except InterruptedError:
-            continue
-        if wake_r in ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(wake_r, 4096):
-                    pass
-        if sock.fileno() in ready:
-            # descriptors arriving by SCM_RIGHTS are inheritable unless asked otherwise
-            msg_bytes, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 8, socket.MSG_CMSG_CLOEXEC)
-            if not msg_bytes:
-                return
-            reply = _spawn(json.loads(msg_bytes), fds)
-            if "pid" in reply:
-                leaders.add(reply["pid"])
-            sock.sendall(json.dumps(reply).encode())
-        _reap(sock, leaders)
-
-
-if __name__ == "__main__":
-    helper_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -121,6 +121,19 @@ async def test_stdout_and_stderr_are_told_apart_and_ordered(engine: JobManager) 
     assert out[STDERR] == b"".join(b"err%d\n" % i for i in range(1, 6))
 
 
+async def test_a_job_starts_with_default_signals_an_empty_mask_and_no_new_privs(engine: JobManager) -> None:
+    # the spawn helper ignores SIGINT and Python ignores SIGPIPE and SIGXFSZ, and pytest has handlers of its own:
+    # none of it may reach the job (cat installs no handlers, so every mask must read zero)
+    rec = await engine.start("alice", ["cat", "/proc/self/status"])
+    status = dict(
+        line.split(":\t", 1) for line in (await read_all(engine, "alice", rec.id))[STDOUT].decode().splitlines()
+    )
+    assert {k: status[k].strip() for k in ("SigIgn", "SigBlk", "SigCgt")} == dict.fromkeys(
+        ("SigIgn", "SigBlk", "SigCgt"), "0000000000000000"
+    )
+    assert status["NoNewPrivs"].strip() == "1"
+
+
 async def test_binary_output_early_close_and_children_holding_the_pipe(engine: JobManager) -> None:
     binary = await engine.start("alice", ["printf", "\\000\\377\\001"])
     closes = await engine.start("alice", ["sh", "-c", "exec >&-; sleep 0.3; echo bye >&2"])
