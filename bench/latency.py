@@ -161,6 +161,8 @@ def run(opts: Options) -> Result:
             "creds = grpc.ssl_channel_credentials(*pem)\n"
             "with grpc.secure_channel(target, creds) as ch:\n"
             "    print(jobs_pb2_grpc.JobServiceStub(ch).Get(jobs_pb2.GetRequest(id=job), timeout=10).status)\n"
+            "sys.stdout.flush()\n"
+            "import os; os._exit(0)  # as jobctl leaves: without the interpreter's teardown\n"
         )
         minimal_cmd = [
             sys.executable,
@@ -172,9 +174,12 @@ def run(opts: Options) -> Result:
             server.target,
             last_id,
         ]
-        minimal_t, bare2_t = [], []
+        # what any click CLI over the generated stubs pays before doing anything (the interpreter's teardown included)
+        imports_cmd = [sys.executable, "-c", "import grpc, click, jobsvc._pb.jobs_pb2_grpc"]
+        minimal_t, bare2_t, imports_t = [], [], []
         for _ in range(n_proc):
             minimal_t += _run_n(minimal_cmd, 1)
+            imports_t += _run_n(imports_cmd, 1)
             bare2_t += _run_n(bare_cmd, 1)
         parts = {
             "python -c pass": _run_n([sys.executable, "-c", "pass"], k),
@@ -196,6 +201,7 @@ def run(opts: Options) -> Result:
             "jobctl_get_import_profile_ms": import_profile(server, last_id),
             "minimal_client_get_ms": dist_ms(minimal_t),
             "minimal_client_bare_import_ms": dist_ms(bare2_t),
+            "imports_grpc_stubs_click_ms": dist_ms(imports_t),
         }
         result.data = d
         base = d["noop_rpc_ms"]["p50"]
@@ -258,12 +264,20 @@ def run(opts: Options) -> Result:
         )
         floor_ratio = round(d["minimal_client_get_ms"]["p50"] / d["minimal_client_bare_import_ms"]["p50"], 3)
         result.check(
-            "floor: minimal Python client Get (grpc + stubs + one call)",
+            "floor: minimal Python client Get (grpc + stubs + one call + os._exit)",
             d["minimal_client_get_ms"]["p50"],
             "ms",
             baseline=d["minimal_client_bare_import_ms"]["p50"],
             baseline_name="python -c 'import grpc'",
             ratio=floor_ratio,
+        )
+        result.check(
+            "imports alone: grpc + stubs + click (no call)",
+            d["imports_grpc_stubs_click_ms"]["p50"],
+            "ms",
+            baseline=d["minimal_client_bare_import_ms"]["p50"],
+            baseline_name="python -c 'import grpc'",
+            ratio=round(d["imports_grpc_stubs_click_ms"]["p50"] / d["minimal_client_bare_import_ms"]["p50"], 3),
         )
         print(
             f"  no-op RPC p50 {base} ms; Start p50 {d['start_ms']['p50']} ms (floor {floor['sum_ms_p50']} ms); "

@@ -1,4 +1,5 @@
-"""The least a Python client can do to stream a job: the generated sync stub, each message's bytes to stdout.
+"""The least a Python client can do to stream a job: the generated sync stub, each message's bytes to stdout, and
+os._exit at the end as jobctl does.
 
 `python -m bench.rawclient TARGET PKI_DIR JOB_ID`. The fan-out benchmark runs it like `jobctl stream`, to separate
 what jobctl adds from what any Python gRPC client process costs on the same cores.
@@ -6,6 +7,7 @@ what jobctl adds from what any Python gRPC client process costs on the same core
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ def main(target: str, pki: Path, job_id: str) -> None:
         for msg in jobs_pb2_grpc.JobServiceStub(channel).Stream(jobs_pb2.StreamRequest(id=job_id)):
             out.write(msg.data)
     out.flush()
+    os._exit(0)  # as jobctl leaves: without the interpreter's teardown
 
 
 if __name__ == "__main__":
