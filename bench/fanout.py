@@ -422,8 +422,8 @@ def run(opts: Options) -> Result:
             "every jobctl has started and is blocked on its stdout pipe (bytes the server sent before are not "
             "counted); asyncio: bytes / (end - call); live job: bytes / (end - job release)",
             "baselines": "file read: the same bytes read from the job's output files (2 threads, 256 KiB reads); "
-            "peer: a bare grpc.aio server (bench/peer.py), same mTLS, streaming the same bytes in 256 KiB "
-            "messages to the same asyncio clients",
+            "peer: a bare grpc.aio server (bench/peer.py), same mTLS, streaming the same bytes in messages of "
+            "jobsvc's sizes (chunk_size_for) to the same asyncio clients",
         }
         gate_dir.mkdir(parents=True, exist_ok=True)
         control = server.aio_channel()

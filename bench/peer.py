@@ -1,5 +1,6 @@
 """A peer for the fan-out benchmark: a bare grpc.aio server, same mTLS credentials and TLS policy as jobsvc, that
-streams N bytes of zeros in 256 KiB messages (raw bytes, no protobuf, no files, no jobsvc code).
+streams N bytes of zeros in messages of the size jobsvc would send (jobsvc.output.chunk_size_for: 1 MiB for a few
+streams, smaller as they multiply), as raw bytes: no protobuf, no files, none of jobsvc's serving code.
 
 It is what any Python gRPC service pays to move the same bytes to the same clients on this machine: jobsvc's
 fan-out divided by the peer's says how much of the cost is jobsvc's own. Run as `python -m bench.peer PKI_DIR`;
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 METHOD = "/bench.Peer/Stream"
-CHUNK = 256 * 1024
 
 
 async def serve(pki: Path) -> None:
@@ -27,14 +27,24 @@ async def serve(pki: Path) -> None:
     import grpc
     from grpc import aio
 
-    zeros = bytes(CHUNK)
+    from jobsvc.output import chunk_size_for
+
+    zeros: dict[int, bytes] = {}  # one buffer per message size
+    open_streams = 0
 
     async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
-        left = int(request)
-        while left > 0:
-            n = min(CHUNK, left)
-            yield zeros if n == CHUNK else zeros[:n]
-            left -= n
+        nonlocal open_streams
+        open_streams += 1
+        try:
+            left = int(request)
+            while left > 0:
+                size = chunk_size_for(open_streams)
+                n = min(size, left)
+                block = zeros.get(size) or zeros.setdefault(size, bytes(size))
+                yield block if n == size else block[:n]
+                left -= n
+        finally:
+            open_streams -= 1
 
     handler = grpc.method_handlers_generic_handler(
         "bench.Peer", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
