@@ -21,7 +21,7 @@ from jobsvc.states import JobStatus, check_transition
 log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1024 * 1024  # fewer wake-ups for chatty jobs; the kernel caps it at fs.pipe-max-size
-_BATCH = 16  # pipe reads per wake-up before yielding to the loop
+_BATCH = 16  # pipe reads per wake-up before yielding to the loop, while nobody streams the job
 FREEZE_TIMEOUT = 0.25  # a task in uninterruptible I/O can keep a group FREEZING forever
 KILL_TIMEOUT = 10.0
 OUTPUT_DRAIN_TIMEOUT = 2.0
@@ -225,8 +225,12 @@ class Job:
             self._timeout_task = task  # keep a reference until it is done
 
     def _drain(self, fd: int, tag: int) -> None:
+        # While someone streams this job, one splice (up to a full pipe) per wake-up, then back to the loop: the
+        # readers send what just arrived while the job refills the pipe. A batch kept a fast writer's output from
+        # them for ~12 ms at a time (1 live jobctl client: 327-368 MiB/s; 424-432 one splice at a time).
+        batch = 1 if self.output.readers else _BATCH
         try:
-            for _ in range(_BATCH):
+            for _ in range(batch):
                 try:
                     n = self.output.splice_from(tag, fd, PIPE_SIZE)
                 except BlockingIOError:
