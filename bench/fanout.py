@@ -4,8 +4,8 @@ connection per client). Baselines: the same bytes read straight from the job's o
 and a peer: a bare grpc.aio server with the same mTLS streaming the same bytes to the same asyncio clients.
 
 Targets (2 cores, client and server on one machine): >= 600 MB/s aggregate at 10-100 clients, >= 400 MB/s for one
-client, and 1,000 clients all served to the end. Rates here are MiB/s (1 MiB > 1 MB, so the targets are met
-conservatively).
+client, and 1,000 clients all served to the end. Rates here are MiB/s; the targets are in MB/s and are checked in
+MB/s (400 MB/s = 381.5 MiB/s).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from bench.peer import open_stream as peer_stream
 CLIENTS = (1, 10, 100, 1000)
 JOBCTL_MAX = 10  # up to this many clients are jobctl processes; above, the in-process asyncio client
 GO = b"go"  # a live job prints this, then blocks on a FIFO until every client is attached
-TARGETS = {1: 400.0, 10: 600.0, 100: 600.0}
+TARGETS = {1: 400.0, 10: 600.0, 100: 600.0}  # MB/s, as issue 7 states them
+MB_PER_MIB = 1.048576
 
 
 @dataclass
@@ -513,8 +514,8 @@ def run(opts: Options) -> Result:
                 "MiB/s",
                 baseline=row["baseline_mib_s"],
                 baseline_name="file read",
-                target=f">= {target:.0f} MB/s" if target else "",
-                ok=row["aggregate_mib_s"] >= target if target else None,
+                target=f">= {target:.0f} MB/s ({target / MB_PER_MIB:.0f} MiB/s)" if target else "",
+                ok=row["aggregate_mib_s"] * MB_PER_MIB >= target if target else None,
             )
             result.check(f"{label}: per client (median)", row["per_client_mib_s_median"], "MiB/s")
             if n == 1000:
