@@ -27,3 +27,14 @@ def test_a_large_chunk_keeps_its_bytes() -> None:
     data = bytes(range(256)) * 4096  # 1 MiB, every byte value
     back = pb.StreamResponse.FromString(encode_stream_response(data, pb.OUTPUT_STREAM_STDERR, 5 << 30))
     assert back.data == data and back.stream == pb.OUTPUT_STREAM_STDERR and back.offset == 5 << 30
+
+
+def test_the_encoder_knows_every_field_of_stream_response() -> None:
+    # a field added to the proto must be added to encode_stream_response too (this test names the place)
+    fields = {f.name: (f.number, f.type) for f in pb.StreamResponse.DESCRIPTOR.fields}
+    fd = pb.StreamResponse.DESCRIPTOR.fields_by_name["data"]
+    assert fields == {
+        "data": (1, fd.TYPE_BYTES),
+        "stream": (2, fd.TYPE_ENUM),
+        "offset": (3, fd.TYPE_UINT64),
+    }, "update jobsvc/wire.py encode_stream_response for the changed StreamResponse"
