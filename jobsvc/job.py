@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from jobsvc.cgroups.base import JobGroup
 from jobsvc.model import ExitInfo, JobRecord, Limits, Usage
@@ -91,7 +91,7 @@ class Job:
         output: OutputLog,
         clock: Clock = utc_now,
         uid: int | None = None,
-        persist: Callable[[JobRecord], None] | None = None,
+        persist: Callable[[JobRecord], Awaitable[None]] | None = None,
         workdir: str | None = None,
         timeout: float | None = None,
         timeout_grace: float = 5.0,
@@ -306,7 +306,7 @@ class Job:
             self.reason, final = ("oom" if self.oom_killed else None), JobStatus.FINISHED
         # The final record reaches the disk before any client can see it: what was said survives a crash.
         if self._persist is not None:
-            self._persist(dataclasses.replace(self.record(), status=final, usage=self.usage))
+            await self._persist(dataclasses.replace(self.record(), status=final, usage=self.usage))
         if self._deadline is not None:
             self._deadline.cancel()
         # Status, log end and the ended event change together: a reader that sees the stream end sees the status.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -131,6 +132,9 @@ class JobManager:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsaved: dict[str, JobRecord] = {}
+        # Records are written (fsync'd) by one thread, in order: an fsync waits for the journal, which under a job
+        # writing gigabytes took 100-300 ms here, and on the event loop every call and stream waited with it.
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-records")
         self._janitor: asyncio.Task[None] | None = None
         self.skipped: list[tuple[str, str]] = []  # state-dir entries reconcile() could not read
 
@@ -292,7 +296,7 @@ class JobManager:
                 output,
                 self._clock,
                 uid=user.uid,
-                persist=self._save,
+                persist=self._save_async,
                 workdir=workdir or str(fresh_dir),
                 timeout=timeout,
                 timeout_grace=self.config.default_grace,
@@ -313,7 +317,7 @@ class JobManager:
             job.attach(pid, exit_status, out_r, err_r)
             out_r = err_r = -1
             record = job.record()
-            self._store.save(record)  # acknowledged only once it is on disk
+            await self._write(record)  # acknowledged only once it is on disk
         except BaseException as e:
             for fd in (out_r, out_w, err_r, err_w):
                 if fd >= 0:
@@ -344,15 +348,43 @@ class JobManager:
         self._release_user(self._users.pop(job.id))
         self._running[job.owner] -= 1
 
+    async def _write(self, record: JobRecord) -> None:
+        """Write a record durably from the writer thread; the loop goes on meanwhile."""
+        try:
+            written = asyncio.get_running_loop().run_in_executor(self._writer, self._store.save, record)
+        except RuntimeError:  # the writer has shut down (the engine is closing): write here
+            self._store.save(record)
+            return
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            # The write goes on in its thread: let it land before the caller cleans up after it (a cancelled
+            # Start removes the job's directory, which a late write would bring back).
+            await asyncio.wait([written])
+            raise
+
     def _save(self, record: JobRecord) -> None:
         """Write a record; if the disk refuses, keep it to retry (the janitor does) rather than fail the job."""
         try:
             self._store.save(record)
-            self._unsaved.pop(record.id, None)
         except OSError as e:
-            if record.id not in self._unsaved:
-                log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
-            self._unsaved[record.id] = record
+            self._not_saved(record, e)
+        else:
+            self._unsaved.pop(record.id, None)
+
+    async def _save_async(self, record: JobRecord) -> None:
+        """_save from the writer thread (a job's final record)."""
+        try:
+            await self._write(record)
+        except OSError as e:
+            self._not_saved(record, e)
+        else:
+            self._unsaved.pop(record.id, None)
+
+    def _not_saved(self, record: JobRecord, e: OSError) -> None:
+        if record.id not in self._unsaved:
+            log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
+        self._unsaved[record.id] = record
 
     async def stop(self, owner: str, job_id: str, grace: float | None = None, sig: int | None = None) -> JobRecord:
         """Stop the whole job (sig, default SIGTERM; SIGKILL after grace); an ended job comes back unchanged."""
@@ -524,6 +556,7 @@ class JobManager:
         running = [j for j in self._jobs.values() if not j.ended]
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._writer.shutdown(wait=True)
         for record in list(self._unsaved.values()):
             self._save(record)
         self._spawner.close()

@@ -268,3 +268,32 @@ async def test_the_janitor_returns_freed_memory_once_the_last_stream_ends(
         assert trims == [1], "no trim without new streams"
     finally:
         await m.shutdown(grace=0.5)
+
+
+async def test_records_are_written_off_the_event_loop_and_start_waits_for_its_own(
+    engine: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    other = await engine.start("alice", ["sleep", "100"])
+    store = engine._store  # a slow disk on purpose: the store is where the fsync happens
+    real_save = store.save
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_save(record: object) -> None:  # an fsync stuck behind a busy journal
+        entered.set()
+        release.wait(10)
+        real_save(record)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "save", slow_save)
+    starting = asyncio.ensure_future(engine.start("alice", ["sleep", "100"]))
+    while not entered.is_set():  # the loop runs while the write waits in its thread
+        await asyncio.sleep(0.01)
+    assert not starting.done(), "Start answered before its record was on disk"
+    assert engine.get("alice", other.id).status is JobStatus.RUNNING  # other calls go on meanwhile
+    release.set()
+    started = await starting
+    assert (store.job_dir(started.id) / "record.json").exists()
+    monkeypatch.setattr(store, "save", real_save)
+    for job_id in (other.id, started.id):
+        await engine.stop("alice", job_id, grace=0)
