@@ -106,6 +106,8 @@ def record_text(r: JobRecord, now: dt.datetime | None = None) -> str:
         rows.append(("reason", r.reason))
     if r.oom_killed:
         rows.append(("oom killed", "yes: the kernel killed a process of this job at its memory limit"))
+    if r.pids_limit_hit:
+        rows.append(("pids limit", f"hit: the kernel refused a fork of this job at its limit of {r.limits.pids}"))
     rows.append(("pid", str(r.pid) if r.pid is not None else "-"))
     if r.uid is not None:
         rows.append(("user", f"uid {r.uid}"))

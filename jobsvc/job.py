@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from jobsvc.cgroups.base import JobGroup
+from jobsvc.cgroups.kill import KILL_TIMEOUT
 from jobsvc.model import ExitInfo, JobRecord, Limits, Usage
 from jobsvc.output import STDERR, STDOUT, OutputLog
 from jobsvc.states import JobStatus, check_transition
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1024 * 1024  # fewer wake-ups for chatty jobs; the kernel caps it at fs.pipe-max-size
 _BATCH = 16  # pipe reads per wake-up before yielding to the loop, while nobody streams the job
-FREEZE_TIMEOUT = 0.25  # a task in uninterruptible I/O can keep a group FREEZING forever
-KILL_TIMEOUT = 10.0
 OUTPUT_DRAIN_TIMEOUT = 2.0
 USAGE_TTL = 0.25  # seconds a running job's usage figures may be reused
 
@@ -32,50 +31,6 @@ Clock = Callable[[], dt.datetime]
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _signal_all(group: JobGroup, sig: int) -> int:
-    n = 0
-    for pid in group.pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-            n += 1
-    return n
-
-
-async def kill_group(group: JobGroup) -> bool:
-    """SIGKILL every process of the group: freeze -> kill -> thaw, then a kill loop. True when it is empty."""
-    if not group.pids():
-        return True
-    loop = asyncio.get_running_loop()
-    try:
-        group.freeze()
-        deadline = loop.time() + FREEZE_TIMEOUT
-        while not group.is_frozen() and loop.time() < deadline:
-            await asyncio.sleep(0.001)
-        _signal_all(group, signal.SIGKILL)
-    finally:
-        group.thaw()
-    deadline = loop.time() + KILL_TIMEOUT
-    delay = 0.001
-    while group.pids():
-        if loop.time() > deadline:
-            return False
-        _signal_all(group, signal.SIGKILL)  # anything forked while the freeze had not settled
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return True
-
-
-async def destroy_group(group: JobGroup) -> bool:
-    """Remove the groups, retrying while the kernel says EBUSY (tasks still leaving)."""
-    delay = 0.001
-    for _ in range(60):
-        if group.destroy():
-            return True
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return False
 
 
 class Job:
@@ -117,6 +72,7 @@ class Job:
         self.reason: str | None = None
         self.exit: ExitInfo | None = None
         self.oom_killed = False
+        self.pids_limit_hit = False
         self.usage = Usage()
         self._live = Usage()  # the last figures read from a running job's groups
         self._usage_at = -1e9
@@ -145,10 +101,11 @@ class Job:
             timeout=record.timeout_seconds,
         )
         job.started_at, job.ended_at, job.pid = record.started_at, record.ended_at, record.pid
-        job.status, job.reason, job.oom_killed, job.usage = (
+        job.status, job.reason, job.oom_killed, job.pids_limit_hit, job.usage = (
             record.status,
             record.reason,
             record.oom_killed,
+            record.pids_limit_hit,
             record.usage,
         )
         job.exit = ExitInfo(record.exit_code, record.signal)
@@ -177,6 +134,7 @@ class Job:
             exit_code=exit_info.exit_code,
             signal=exit_info.signal,
             oom_killed=self.oom_killed,
+            pids_limit_hit=self.pids_limit_hit,
             ended_at=self.ended_at,
             usage=usage,
             output_bytes=self.output.size,
@@ -192,7 +150,11 @@ class Job:
         now = time.monotonic()
         if now - self._usage_at > USAGE_TTL:
             self._live, self._usage_at = self.group.usage(), now
+            self.pids_limit_hit = self._hit_pids_limit()
         return self._live
+
+    def _hit_pids_limit(self) -> bool:
+        return self.limits.pids is not None and self.group.pids_limit_hits() > 0
 
     @property
     def ended(self) -> bool:
@@ -286,15 +248,16 @@ class Job:
             while self.group.pids() and loop.time() < self._stop_deadline:
                 await asyncio.sleep(0.01)
         # The leader is gone: like a service's main process (systemd) or a container's init, its end ends the job.
-        if not await kill_group(self.group):
+        if not await self.group.kill():
             log.error("job %s: processes survived SIGKILL for %.0f s", self.id, KILL_TIMEOUT)
         exit_info = ExitInfo.from_wait_status(status)
         oom_kills = self.group.oom_kills()
         if oom_kills == 0 and exit_info.signal == signal.SIGKILL:
             await asyncio.sleep(0.005)  # the kernel signals just before it counts the kill
             oom_kills = self.group.oom_kills()
+        self.pids_limit_hit = self._hit_pids_limit()
         self.usage = self.group.usage()
-        if not await destroy_group(self.group):
+        if not await self.group.destroy():
             log.error("job %s: its groups could not be removed", self.id)
         await self._finish_output()
         self.exit = exit_info
@@ -328,9 +291,9 @@ class Job:
         self._stop_reason = reason
         self._stop_deadline = loop.time() + max(grace, 0.0)
         if grace > 0 or sig != signal.SIGKILL:
-            _signal_all(self.group, sig)
+            self.group.signal(sig)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._ended.wait()), grace)
         if not self._ended.is_set():
-            await kill_group(self.group)
+            await self.group.kill()
         await self._ended.wait()

@@ -22,7 +22,7 @@ from jobsvc.authz import Authz
 from jobsvc.cgroups.base import CgroupDriver, detect
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
 from jobsvc.heap import release_free_heap
-from jobsvc.job import Clock, Job, destroy_group, kill_group, utc_now
+from jobsvc.job import Clock, Job, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
@@ -146,7 +146,8 @@ class JobManager:
         os.chmod(config.work_root, 0o711)  # jobs may enter their own directory, but not list the others
         if driver is None:
             driver = detect(store.instance_id())
-        spawner = Spawner.launch()
+        log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
+        spawner = Spawner.launch()  # after detect(): on v2 the server has moved into its leaf, and the helper follows
         return cls(config, driver, spawner, store)
 
     async def reconcile(self) -> None:
@@ -168,8 +169,8 @@ class JobManager:
             known.add(record.id)
             group = self._driver.open(record.id)
             if not record.status.ended:
-                await kill_group(group)
-                await destroy_group(group)
+                await group.kill()
+                await group.destroy()
                 record = dataclasses.replace(
                     record, status=JobStatus.STOPPED, reason="server restarted", ended_at=self._clock()
                 )
@@ -179,8 +180,8 @@ class JobManager:
         for orphan in set(self._driver.existing()) - known:
             log.warning("removing cgroup of unknown job %s", orphan)
             group = self._driver.open(orphan)
-            await kill_group(group)
-            await destroy_group(group)
+            await group.kill()
+            await group.destroy()
         if records or self.skipped:
             log.info("state dir: %d jobs restored, %d entries skipped", len(records), len(self.skipped))
         self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
@@ -324,8 +325,8 @@ class JobManager:
                     os.close(fd)
             if output is not None:
                 output.close()
-            await kill_group(group)
-            await destroy_group(group)
+            await group.kill()
+            await group.destroy()
             self._store.remove(job_id)
             self._remove_workdir(job_id)
             self._release_user(user)

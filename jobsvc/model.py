@@ -119,6 +119,7 @@ class JobRecord:
     exit_code: int | None = None
     signal: int | None = None
     oom_killed: bool = False
+    pids_limit_hit: bool = False  # a fork was refused at the job's pids limit
     ended_at: dt.datetime | None = None
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
@@ -139,6 +140,7 @@ class JobRecord:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "oom_killed": self.oom_killed,
+            "pids_limit_hit": self.pids_limit_hit,
             "pid": self.pid,
             "started_at": format_time(self.started_at),
             "ended_at": format_time(self.ended_at),

@@ -59,6 +59,7 @@ def record_from_json(d: dict[str, Any]) -> JobRecord:
         exit_code=d.get("exit_code"),
         signal=d.get("signal"),
         oom_killed=bool(d.get("oom_killed")),
+        pids_limit_hit=bool(d.get("pids_limit_hit")),
         ended_at=parse_time(d.get("ended_at")),
         usage=Usage.from_dict(d.get("usage")),
         output_bytes=int(d.get("output_bytes") or 0),

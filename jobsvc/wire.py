@@ -80,6 +80,7 @@ def job_to_pb(r: JobRecord) -> pb.Job:
         command=list(r.command),
         status=_STATUS_TO_PB[r.status],
         oom_killed=r.oom_killed,
+        pids_limit_hit=r.pids_limit_hit,
         started_at=_ts(r.started_at),
         limits=limits_to_pb(r.limits),
         usage=pb.Usage(**_present(r.usage, _USAGE_FIELDS)),  # type: ignore[arg-type]
@@ -104,6 +105,7 @@ def job_from_pb(msg: pb.Job) -> JobRecord:
         exit_code=_opt(msg, "exit_code"),  # type: ignore[arg-type]
         signal=_opt(msg, "signal"),  # type: ignore[arg-type]
         oom_killed=msg.oom_killed,
+        pids_limit_hit=msg.pids_limit_hit,
         ended_at=msg.ended_at.ToDatetime(dt.UTC) if msg.HasField("ended_at") else None,
         usage=Usage(**{f: _opt(msg.usage, f) for f in _USAGE_FIELDS}),  # type: ignore[arg-type]
         output_bytes=msg.output_bytes,

@@ -72,7 +72,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., cpu_throttled_periods: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "owner", "command", "status", "reason", "exit_code", "signal", "oom_killed", "started_at", "ended_at", "limits", "usage", "pid", "output_bytes", "uid", "output_dropped_bytes", "output_lost_bytes", "timeout_seconds", "workdir")
+    __slots__ = ("id", "owner", "command", "status", "reason", "exit_code", "signal", "oom_killed", "started_at", "ended_at", "limits", "usage", "pid", "output_bytes", "uid", "output_dropped_bytes", "output_lost_bytes", "timeout_seconds", "workdir", "pids_limit_hit")
     ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class Job(_message.Message):
     OUTPUT_LOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
+    PIDS_LIMIT_HIT_FIELD_NUMBER: _ClassVar[int]
     id: str
     owner: str
     command: _containers.RepeatedScalarFieldContainer[bytes]
@@ -111,7 +112,8 @@ class Job(_message.Message):
     output_lost_bytes: int
     timeout_seconds: float
     workdir: str
-    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[_Iterable[bytes]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., pid: _Optional[int] = ..., output_bytes: _Optional[int] = ..., uid: _Optional[int] = ..., output_dropped_bytes: _Optional[int] = ..., output_lost_bytes: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., workdir: _Optional[str] = ...) -> None: ...
+    pids_limit_hit: bool
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[_Iterable[bytes]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., pid: _Optional[int] = ..., output_bytes: _Optional[int] = ..., uid: _Optional[int] = ..., output_dropped_bytes: _Optional[int] = ..., output_lost_bytes: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., workdir: _Optional[str] = ..., pids_limit_hit: _Optional[bool] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("argv", "limits", "env", "workdir", "timeout_seconds")

@@ -40,6 +40,19 @@ def read_int(path: Path | str) -> int | None:
         return None
 
 
+def read_key(path: Path, key: str) -> int:
+    """The value of one "key value" line of a flat-keyed cgroup file; 0 when the file or the key is missing."""
+    try:
+        text = read_file(path)
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        k, _, value = line.partition(" ")
+        if k == key:
+            return int(value)
+    return 0
+
+
 def read_pids(procs_file: Path | str) -> list[int]:
     """The processes listed in a cgroup.procs file; a vanished group has none."""
     try:
@@ -62,11 +75,30 @@ def remove_dir(path: Path) -> bool:
     return True
 
 
+def groups_below(path: Path) -> list[Path]:
+    """Every group beneath path (a job may make its own when it runs as root), deepest first."""
+    found: list[Path] = []
+    try:
+        subs = [p for p in path.iterdir() if p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for sub in subs:
+        found += groups_below(sub)
+        found.append(sub)
+    return found
+
+
+def read_pids_tree(group: Path) -> list[int]:
+    """The processes of a group and of every group beneath it."""
+    pids = read_pids(group / "cgroup.procs")
+    for sub in groups_below(group):
+        pids += read_pids(sub / "cgroup.procs")
+    return pids
+
+
 def remove_tree(path: Path) -> bool:
     """Remove a group and all groups below it, deepest first; False if any is still busy."""
-    if not path.exists():
-        return True
     ok = True
-    for sub in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        ok = remove_tree(sub) and ok
+    for sub in groups_below(path):
+        ok = remove_dir(sub) and ok
     return remove_dir(path) and ok

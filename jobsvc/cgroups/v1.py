@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobsvc.cgroups.base import CgroupSetupError
-from jobsvc.cgroups.fs import read_file, read_int, read_pids, remove_dir, write_file
+from jobsvc.cgroups.fs import read_file, read_int, read_key, read_pids_tree, remove_dir, remove_tree, write_file
+from jobsvc.cgroups.kill import freeze_kill_thaw, remove_with_retry, signal_pids
 from jobsvc.errors import InvalidArgumentError
 from jobsvc.model import Limits, Usage
 
@@ -110,15 +111,7 @@ class Memory(Controller):
 
     @staticmethod
     def oom_kills(group: Path) -> int:
-        try:
-            text = read_file(group / "memory.oom_control")
-        except OSError:
-            return 0
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        return read_key(group / "memory.oom_control", "oom_kill")  # v1 has no memory.events
 
 
 class Blkio(Controller):
@@ -160,6 +153,10 @@ class Pids(Controller):
         if limits.pids is not None:
             _write_limit(group / "pids.max", str(limits.pids), "pids")
 
+    @staticmethod
+    def limit_hits(group: Path) -> int:
+        return read_key(group / "pids.events", "max")
+
 
 class Freezer(Controller):
     name = "freezer"
@@ -176,33 +173,48 @@ class V1Group:
         self._unique = list(dict.fromkeys(dirs.values()))
         self._join = tuple(str(d / "cgroup.procs") for d in self._unique)
         self._usage_dirs = [(c, str(dirs[c.name])) for c in CONTROLLERS if type(c).usage is not Controller.usage]
+        self._freezer = dirs["freezer"]
 
     @property
     def join_files(self) -> Sequence[str]:
         return self._join
+
+    @property
+    def dirs(self) -> Sequence[Path]:
+        return self._unique
 
     def apply(self, limits: Limits) -> None:
         for c in CONTROLLERS:
             c.apply(self._dirs[c.name], limits)
 
     def pids(self) -> list[int]:
-        return read_pids(self._dirs["freezer"] / "cgroup.procs")
+        # Every process of the job is somewhere in its freezer tree, also in groups a root job made itself.
+        return read_pids_tree(self._freezer)
+
+    def signal(self, sig: int) -> int:
+        return signal_pids(self.pids(), sig)
 
     def freeze(self) -> None:
-        write_file(self._dirs["freezer"] / "freezer.state", "FROZEN")
+        write_file(self._freezer / "freezer.state", "FROZEN")  # freezes the groups beneath it too
 
     def is_frozen(self) -> bool:
         try:
-            return read_file(self._dirs["freezer"] / "freezer.state").strip() == "FROZEN"
+            return read_file(self._freezer / "freezer.state").strip() == "FROZEN"
         except FileNotFoundError:
             return True
 
     def thaw(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            write_file(self._dirs["freezer"] / "freezer.state", "THAWED")
+            write_file(self._freezer / "freezer.state", "THAWED")
+
+    async def kill(self) -> bool:
+        return await freeze_kill_thaw(self)
 
     def oom_kills(self) -> int:
         return Memory.oom_kills(self._dirs["memory"])
+
+    def pids_limit_hits(self) -> int:
+        return Pids.limit_hits(self._dirs["pids"])
 
     def usage(self) -> Usage:
         fields: dict[str, int | float | None] = {}
@@ -210,15 +222,20 @@ class V1Group:
             fields.update(c.usage(d))
         return Usage(**fields)  # type: ignore[arg-type]
 
-    def destroy(self) -> bool:
+    def _remove(self) -> bool:
         done = True
         for d in self._unique:
-            done = remove_dir(d) and done
+            done = remove_tree(d) and done
         return done
+
+    async def destroy(self) -> bool:
+        return await remove_with_retry(self._remove)
 
 
 class V1Driver:
     """Job groups at <own group>/jobsvc/<instance>/<job id> in each v1 hierarchy."""
+
+    name = "cgroup v1"
 
     def __init__(self, roots: dict[str, Path]) -> None:
         missing = [c for c in REQUIRED if c not in roots]

@@ -1,4 +1,9 @@
-"""System tests: root, the real kernel's cgroup v1, real processes. Skipped elsewhere (a failure under CI=true)."""
+"""System tests: root, the real kernel's cgroups (v1 or v2, whichever the host has), real processes.
+
+Skipped elsewhere (a failure under CI=true). On a cgroup v2 host pytest itself must start alone in a delegated group
+(`systemd-run --scope -p Delegate=yes pytest ...`, as `make vm-test CGROUP=v2` does): the session moves it into a
+supervisor leaf first, as the server does, so that in-process engines and the servers it starts share that leaf.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,31 @@ from pathlib import Path
 
 import pytest
 
-from jobsvc.cgroups.v1 import REQUIRED, find_hierarchies
+from jobsvc.cgroups import v1, v2
+
+CGROUP_VERSION = "v1" if v1.find_hierarchies() else "v2" if v2.find_unified() else None
 
 
 def _why_not() -> str | None:
     if os.geteuid() != 0:
         return "system tests need root"
-    found = find_hierarchies()
-    missing = [c for c in REQUIRED if c not in found]
-    if missing:
-        return f"cgroup v1 controllers not mounted: {', '.join(missing)}"
+    if CGROUP_VERSION == "v1":
+        found = v1.find_hierarchies()
+        missing = [c for c in v1.REQUIRED if c not in found]
+        if missing:
+            return f"cgroup v1 controllers not mounted: {', '.join(missing)}"
+    elif CGROUP_VERSION is None:
+        return "neither cgroup v1 controllers nor cgroup2 are mounted"
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def supervisor_leaf() -> None:
+    """On v2, before any engine or server starts (session scope and autouse: the first fixture of all)."""
+    if CGROUP_VERSION == "v2" and _why_not() is None:
+        own = v2.find_unified()
+        assert own is not None
+        v2.claim(v2.started_in(own), os.getpid())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from jobsvc._pb import jobs_pb2 as pb
-from jobsvc.cgroups.v1 import find_hierarchies
+from jobsvc.cgroups.base import locate
 from tests.system.conftest import processes_in_cgroup_named
 from tests.system.server import BIN, Pki, Server, serve_command, start_server
 
@@ -81,18 +81,15 @@ def test_restart_after_kill9_keeps_every_job_and_its_output(tmp_path: Path, keys
     assert stream_all(second, live.id)[0] == before_live == b"started\n"
 
 
-def _own_group_dirs() -> dict[str, Path]:
-    return find_hierarchies()
-
-
 def test_restart_removes_stray_groups_of_its_instance_only(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
     first = start_server(tmp_path, keys)
     cleanup.append(first)
     instance = (first.state_dir / "instance").read_text().strip()
     kill9(first)
-    own = _own_group_dirs()["freezer"]
-    stray = own / "jobsvc" / instance / "stray-job"
-    foreign = own / "jobsvc" / "0123456789ab" / "their-job"
+    # the server was started in our group (v1), or shares our supervisor leaf (v2): its groups are where ours are
+    base = locate(instance, Path("/proc/self"))[-1]
+    stray = base / "stray-job"
+    foreign = base.parent / "0123456789ab" / "their-job"
     procs = []
     try:
         for group in (stray, foreign):

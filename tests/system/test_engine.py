@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -14,7 +15,7 @@ from jobsvc.errors import InvalidArgumentError, NotFoundError
 from jobsvc.manager import EngineConfig, JobManager
 from jobsvc.output import STDERR, STDOUT
 from jobsvc.states import JobStatus
-from tests.system.conftest import job_group_dirs, processes_in_cgroup_named
+from tests.system.conftest import CGROUP_VERSION, job_group_dirs, processes_in_cgroup_named
 
 JobManagerT = JobManager
 
@@ -35,9 +36,36 @@ async def test_first_instruction_runs_inside_every_group(engine: JobManager) -> 
         _, controllers, path = line.split(":", 2)
         for c in controllers.split(","):
             lines[c] = path
-    for c in ("cpu", "cpuacct", "memory", "blkio", "pids", "freezer"):
+    # v1: a line per hierarchy; v2: the one unified line ("0::/path")
+    wanted = ("cpu", "cpuacct", "memory", "blkio", "pids", "freezer") if CGROUP_VERSION == "v1" else ("",)
+    for c in wanted:
         assert lines[c].endswith(f"/jobsvc/{engine.instance_groups[0].name}/{rec.id}"), (c, out)
     assert (await engine.wait("alice", rec.id)).exit_code == 0
+
+
+async def test_groups_a_job_made_beneath_its_own_are_killed_and_removed(engine: JobManager) -> None:
+    # A root job may make groups beneath its own and move processes there (here the test does it for the job):
+    # Stop still finds and kills those processes, and removes those groups too.
+    rec = await engine.start("root", ["sh", "-c", "sleep 1000 & sleep 1000 & wait"])
+    for _ in range(200):
+        if len(processes_in_cgroup_named(rec.id)) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    sleepers = [p for p in processes_in_cgroup_named(rec.id) if p != rec.pid]
+    assert len(sleepers) == 2
+    for d in job_group_dirs(engine, rec.id):
+        if not (d / "cgroup.procs").exists():
+            continue  # a v1 hierarchy whose directory another one shares (cpu,cpuacct)
+        (d / "sub" / "deeper").mkdir(parents=True, exist_ok=True)
+        (d / "sub" / "cgroup.procs").write_text(str(sleepers[0]))
+        (d / "sub" / "deeper" / "cgroup.procs").write_text(str(sleepers[1]))
+    stopped = await engine.stop("root", rec.id, grace=0.2)
+    assert stopped.status is JobStatus.STOPPED
+    assert processes_in_cgroup_named(rec.id) == []
+    for pid in sleepers:
+        with contextlib.suppress(FileNotFoundError):
+            assert Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", "a process in a sub-group survived"
+    assert not any(d.exists() for d in job_group_dirs(engine, rec.id))
 
 
 async def test_stop_kills_the_whole_tree_and_removes_the_groups(engine: JobManager) -> None:

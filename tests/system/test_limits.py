@@ -6,6 +6,7 @@ run with an unlimited control in the same test; they prove the limit, they are n
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from jobsvc.manager import JobManager
 from jobsvc.model import IoLimit, Limits
 from jobsvc.output import STDOUT
 from jobsvc.states import JobStatus
-from tests.system.conftest import job_group_dirs, processes_in_cgroup_named
+from tests.system.conftest import CGROUP_VERSION, job_group_dirs, processes_in_cgroup_named
 
 PY = "/usr/bin/python3"  # the job's own uid must be able to run it (a pyenv under /root is out of reach)
 MiB = 1 << 20
@@ -92,6 +93,27 @@ async def test_disk_write_and_read_bandwidth_are_throttled(engine: JobManager, t
     assert limited_read.usage.io_read_bytes is not None and limited_read.usage.io_read_bytes >= 4 * MiB
 
 
+async def test_buffered_writes_are_throttled_on_v2_only(engine: JobManager) -> None:
+    """v2 charges writeback to the job's group (memory and io controllers together), so io.max slows a writer
+    that never syncs once its dirty pages reach the group's share; v1 cannot attribute writeback at all. The README
+    says which host throttles what: this test keeps both claims true."""
+    disk = _disk_of(engine.config.work_root)
+    # 32 MiB buffered, no fsync, under 64 MiB of memory; rm drops the dirty rest rather than leave it to trickle
+    write = ["sh", "-c", "dd if=/dev/zero of=buffered bs=1M count=32 2>/dev/null; rm -f buffered"]
+    memory = 64 * MiB
+    control = await engine.wait("root", (await engine.start("root", write, Limits(memory_bytes=memory))).id)
+    limited = await engine.wait(
+        "root",
+        (await engine.start("root", write, Limits(memory_bytes=memory, io=(IoLimit(disk, write_bps=MiB),)))).id,
+    )
+    assert control.exit_code == 0 and limited.exit_code == 0
+    if CGROUP_VERSION == "v2":
+        assert seconds(limited) >= 3.0, seconds(limited)
+        assert seconds(control) < seconds(limited) / 2
+    else:
+        assert seconds(limited) < 3.0, seconds(limited)  # v1: the limit binds direct and synced writes only
+
+
 async def test_iops_limit_is_applied(engine: JobManager, tmp_path: Path) -> None:
     disk = _disk_of(engine.config.work_root)
     write = ["dd", "if=/dev/zero", "of=iops", "bs=4k", "count=200", "oflag=direct"]
@@ -121,27 +143,41 @@ async def test_pids_limit_contains_a_fork_storm_and_stop_cleans_up(engine: JobMa
     assert started < 20 and failed > 0
     pids_dir = next(d for d in job_group_dirs(engine, rec.id) if (d / "pids.events").exists())
     assert int((pids_dir / "pids.events").read_text().split()[1]) > 0
+    for _ in range(100):  # a running job's figures are re-read at most every 250 ms
+        if engine.get("root", rec.id).pids_limit_hit:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.get("root", rec.id).pids_limit_hit  # reported while it runs
     stopped = await engine.stop("root", rec.id, grace=0.5)
+    assert stopped.pids_limit_hit
     assert stopped.status is JobStatus.STOPPED
     assert processes_in_cgroup_named(rec.id) == []
     assert not any(d.exists() for d in job_group_dirs(engine, rec.id))
 
 
+_V1_LIMITS_SCRIPT = (
+    'for c in memory cpu pids; do p=$(grep -E "^[0-9]+:([^:]*,)?$c(,[^:]*)?:" /proc/self/cgroup | cut -d: -f3);'
+    " echo $c $p; done;"
+    ' m=$(grep -E "^[0-9]+:memory:" /proc/self/cgroup | cut -d: -f3);'
+    ' c=$(grep -E "^[0-9]+:([^:]*,)?cpu(,[^:]*)?:" /proc/self/cgroup | cut -d: -f3);'
+    ' p=$(grep -E "^[0-9]+:pids:" /proc/self/cgroup | cut -d: -f3);'
+    " cat /sys/fs/cgroup/memory$m/memory.limit_in_bytes /sys/fs/cgroup/cpu$c/cpu.cfs_quota_us"
+    " /sys/fs/cgroup/pids$p/pids.max"
+)
+_V2_LIMITS_SCRIPT = (
+    'g=$(grep "^0::" /proc/self/cgroup | cut -d: -f3); for c in memory cpu pids; do echo $c $g; done;'
+    " cat /sys/fs/cgroup$g/memory.max /sys/fs/cgroup$g/cpu.max /sys/fs/cgroup$g/pids.max"
+)
+
+
 async def test_limits_are_in_place_before_the_first_instruction(engine: JobManager) -> None:
-    script = (
-        'for c in memory cpu pids; do p=$(grep -E "^[0-9]+:([^:]*,)?$c(,[^:]*)?:" /proc/self/cgroup | cut -d: -f3);'
-        " echo $c $p; done;"
-        ' m=$(grep -E "^[0-9]+:memory:" /proc/self/cgroup | cut -d: -f3);'
-        ' c=$(grep -E "^[0-9]+:([^:]*,)?cpu(,[^:]*)?:" /proc/self/cgroup | cut -d: -f3);'
-        ' p=$(grep -E "^[0-9]+:pids:" /proc/self/cgroup | cut -d: -f3);'
-        " cat /sys/fs/cgroup/memory$m/memory.limit_in_bytes /sys/fs/cgroup/cpu$c/cpu.cfs_quota_us"
-        " /sys/fs/cgroup/pids$p/pids.max"
-    )
+    script = _V1_LIMITS_SCRIPT if CGROUP_VERSION == "v1" else _V2_LIMITS_SCRIPT
     rec = await engine.start("root", ["sh", "-c", script], Limits(cpu=0.5, memory_bytes=96 * MiB, pids=33))
     out = (await stdout_of(engine, rec.id)).decode().split("\n")
     for line in out[:3]:
         assert line.endswith(f"/{rec.id}"), out
-    assert out[3:6] == [str(96 * MiB), "50000", "33"], out
+    cpu = "50000" if CGROUP_VERSION == "v1" else "50000 100000"
+    assert out[3:6] == [str(96 * MiB), cpu, "33"], out
 
 
 @pytest.mark.parametrize(

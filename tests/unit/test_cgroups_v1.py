@@ -64,7 +64,7 @@ def cgroupfs_rmdir(monkeypatch: pytest.MonkeyPatch) -> None:
     """On cgroupfs rmdir takes a group with its control files; a plain directory needs them removed first."""
     import shutil
 
-    from jobsvc.cgroups import v1
+    from jobsvc.cgroups import fs, v1
 
     def remove_dir(path: Path) -> bool:
         if path.exists() and any(p.is_dir() for p in path.iterdir()):
@@ -73,6 +73,7 @@ def cgroupfs_rmdir(monkeypatch: pytest.MonkeyPatch) -> None:
         return True
 
     monkeypatch.setattr(v1, "remove_dir", remove_dir)
+    monkeypatch.setattr(fs, "remove_dir", remove_dir)
 
 
 def make_driver(tmp_path: Path, shared_cpu: bool = False) -> V1Driver:
@@ -153,3 +154,27 @@ def test_a_refused_limit_fails_naming_the_field_and_removes_the_groups(
         driver.create("bad", Limits(memory_bytes=64 << 20, pids=20))
     assert driver.existing() == []
     assert not (tmp_path / "cg/memory/own/jobsvc/inst1/bad").exists()
+
+
+async def test_destroy_removes_groups_a_root_job_made_beneath_its_own(tmp_path: Path) -> None:
+    driver = make_driver(tmp_path)
+    group = driver.create("j", Limits())
+    for d in group.dirs:
+        (d / "sub" / "deeper").mkdir(parents=True)
+    assert await group.destroy()
+    assert driver.existing() == []
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_pids_limit_hits_and_processes_in_sub_groups_are_read(tmp_path: Path) -> None:
+    driver = make_driver(tmp_path)
+    group = driver.create("j", Limits(pids=5))
+    base = tmp_path / "cg"
+    assert group.pids_limit_hits() == 0
+    (base / "pids/own/jobsvc/inst1/j/pids.events").write_text("max 3\n")
+    assert group.pids_limit_hits() == 3
+    freezer = base / "freezer/own/jobsvc/inst1/j"
+    (freezer / "cgroup.procs").write_text("10\n11\n")
+    (freezer / "sub").mkdir()
+    (freezer / "sub" / "cgroup.procs").write_text("12\n")
+    assert sorted(group.pids()) == [10, 11, 12]

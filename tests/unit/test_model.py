@@ -42,6 +42,7 @@ def test_json_form_has_every_field_with_rfc3339_times() -> None:
         "exit_code": 3,
         "signal": None,
         "oom_killed": False,
+        "pids_limit_hit": False,
         "pid": 42,
         "started_at": "2026-11-28T12:00:00.123456Z",
         "ended_at": "2026-11-28T12:00:02.123456Z",
@@ -81,7 +82,7 @@ def test_running_record_has_null_end() -> None:
 
 
 def test_store_round_trip_keeps_non_utf8_argv() -> None:
-    rec = make_record(signal=9, exit_code=None, oom_killed=True, reason="oom")
+    rec = make_record(signal=9, exit_code=None, oom_killed=True, pids_limit_hit=True, reason="oom")
     again = record_from_json(json.loads(json.dumps(record_to_json(rec))))
     assert again == rec
     assert again.command[2] == b"echo \xff"

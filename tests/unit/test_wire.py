@@ -38,3 +38,41 @@ def test_the_encoder_knows_every_field_of_stream_response() -> None:
         "stream": (2, fd.TYPE_ENUM),
         "offset": (3, fd.TYPE_UINT64),
     }, "update jobsvc/wire.py encode_stream_response for the changed StreamResponse"
+
+
+def test_a_job_record_survives_the_wire_with_every_field_set() -> None:
+    import dataclasses
+    import datetime as dt
+
+    from jobsvc.model import IoLimit, JobRecord, Limits, Usage
+    from jobsvc.states import JobStatus
+    from jobsvc.wire import job_from_pb, job_to_pb
+
+    t0 = dt.datetime(2026, 12, 1, 9, 0, 0, 123000, tzinfo=dt.UTC)
+    record = JobRecord(
+        id="0b7d1b1e-5f0e-4b8e-9a59-6f2f3c1d2e4f",
+        owner="CN=alice,O=Example",
+        command=(b"sh", b"-c", b"echo \xff"),
+        status=JobStatus.STOPPED,
+        started_at=t0,
+        limits=Limits(cpu=0.5, memory_bytes=64 << 20, pids=20, io=(IoLimit("254:0", 1, 2, 3, 4),)),
+        pid=42,
+        reason="stopped by owner",
+        exit_code=None,
+        signal=15,
+        oom_killed=True,
+        pids_limit_hit=True,
+        ended_at=t0 + dt.timedelta(seconds=2),
+        usage=Usage(1.5, 4, 1000, 5, 6),
+        output_bytes=12,
+        uid=61184,
+        output_dropped_bytes=7,
+        output_lost_bytes=8,
+        timeout_seconds=30.0,
+        workdir="/var/tmp/x",
+    )
+    defaults = JobRecord(id="", owner="", command=(), status=JobStatus.RUNNING, started_at=t0 - dt.timedelta(1))
+    unset = [f.name for f in dataclasses.fields(record) if getattr(record, f.name) == getattr(defaults, f.name)]
+    assert unset == ["exit_code"], "set every field, so that a field the wire drops fails this test"
+    again = job_from_pb(pb.Job.FromString(job_to_pb(record).SerializeToString()))
+    assert again == record
