@@ -122,6 +122,7 @@ def test_kill9_at_a_random_moment_loses_nothing_acknowledged(tmp_path: Path, key
     cleanup.append(server)
     acked: dict[str, bytes] = {}  # job id -> bytes delivered to us before the crash
     stopped: set[str] = set()
+    progress = threading.Event()  # set once a job's output has been delivered to us
     script = b"for i in $(seq 1 200); do echo line-$i; sleep 0.005; done"
 
     def workload() -> None:
@@ -134,6 +135,7 @@ def test_kill9_at_a_random_moment_loses_nothing_acknowledged(tmp_path: Path, key
                 for msg in stub.Stream(pb.StreamRequest(id=job.id), timeout=10):
                     got += msg.data
                     acked[job.id] = got
+                    progress.set()
                     if i % 3 == 0 and len(got) > 100:
                         stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0), timeout=10)
                         stopped.add(job.id)
@@ -143,7 +145,10 @@ def test_kill9_at_a_random_moment_loses_nothing_acknowledged(tmp_path: Path, key
 
     worker = threading.Thread(target=workload)
     worker.start()
-    time.sleep(random.uniform(1.0, 2.5))
+    # The crash comes at a random moment after the workload got going: on a slow host (an emulated guest
+    # sharing two busy cores) a fixed delay could end before the first Start was answered.
+    assert progress.wait(120), "the workload got nothing done in 120 s"
+    time.sleep(random.uniform(0.0, 1.5))
     kill9(server)
     worker.join(30)
     assert acked, "the workload got nothing done before the crash"
