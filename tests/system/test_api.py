@@ -276,3 +276,11 @@ def test_clients_dropping_open_streams_do_not_crash_the_server(server: Server) -
     assert server.proc.poll() is None
     assert server.stub().Get(pb.GetRequest(id=job.id)).status == pb.JOB_STATUS_RUNNING
     server.stub().Stop(pb.StopRequest(id=job.id, grace_seconds=0))
+
+
+def test_the_server_logs_which_cgroup_driver_it_uses(server: Server) -> None:
+    from tests.system.conftest import CGROUP_VERSION
+
+    instance = (server.state_dir / "instance").read_text().strip()
+    line = next(x for x in server.log().splitlines() if "job groups beneath" in x)
+    assert f"cgroup {CGROUP_VERSION}: job groups beneath " in line and f"/jobsvc/{instance}" in line, line

@@ -53,9 +53,7 @@ async def test_groups_a_job_made_beneath_its_own_are_killed_and_removed(engine: 
         await asyncio.sleep(0.01)
     sleepers = [p for p in processes_in_cgroup_named(rec.id) if p != rec.pid]
     assert len(sleepers) == 2
-    for d in job_group_dirs(engine, rec.id):
-        if not (d / "cgroup.procs").exists():
-            continue  # a v1 hierarchy whose directory another one shares (cpu,cpuacct)
+    for d in job_group_dirs(engine, rec.id):  # every hierarchy (v1) or the one group (v2)
         (d / "sub" / "deeper").mkdir(parents=True, exist_ok=True)
         (d / "sub" / "cgroup.procs").write_text(str(sleepers[0]))
         (d / "sub" / "deeper" / "cgroup.procs").write_text(str(sleepers[1]))
