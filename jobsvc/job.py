@@ -213,7 +213,7 @@ class Job:
         if data:
             if self.output.lost_bytes == 0:
                 log.error("job %s: output lost (%s)", self.id, err)
-            self.output.lost_bytes += len(data)
+            self.output.skip_lost(len(data))  # readers see the gap where it is
         return len(data)
 
     def _close_pipe(self, fd: int) -> None:

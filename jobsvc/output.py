@@ -6,6 +6,10 @@ Layout of a log directory:
   segment-size          the segment size S, so a restarted server can read the log back
 The bytes live in the page cache, not in the server: readers hold only an offset (memory does not grow with output),
 and the writer never waits for a reader. Retention can drop whole old segments without touching live ones.
+
+A run's index record is written before its first byte: a crash between the two leaves an empty run, never bytes
+under the previous run's stream. Output that could not be stored (the disk was full) is a LOST run: its offsets
+are used but hold no bytes, so readers skip them and see the jump.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 STDOUT = 1
 STDERR = 2
+LOST = 3  # a run of offsets whose bytes could not be stored
 MAX_CHUNK = 1024 * 1024  # the largest Stream message (clients accept 4 MiB)
 MIN_CHUNK = 32 * 1024
 STREAM_BUFFER_BUDGET = 32 * 1024 * 1024  # chunks in flight across all streams, roughly (see chunk_size_for)
@@ -45,6 +50,15 @@ class Chunk:
     offset: int  # global offset of data[0] in the job's output
     fd: int  # STDOUT or STDERR
     data: bytes
+
+
+def _lost_spans(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    ends = [start for start, _ in runs[1:]] + [size]
+    return [(start, end) for (start, fd), end in zip(runs, ends, strict=True) if fd == LOST]
+
+
+def _covered(spans: list[tuple[int, int]], a: int, b: int) -> bool:
+    return a >= 0 and any(start <= a and b <= end for start, end in spans)
 
 
 def segment_size_for(max_bytes: int | None) -> int:
@@ -108,19 +122,23 @@ class OutputLog:
         except (OSError, ValueError):
             seg_size = SEGMENT_SIZE
         log = cls(directory, seg_size, create=False)
-        numbers = sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
-        if numbers:
-            # keep the newest contiguous run of segments
-            first = numbers[-1]
-            while first - 1 in numbers:
-                first -= 1
-            log._start = first * seg_size
-            log._size = numbers[-1] * seg_size + log._segment_path(numbers[-1]).stat().st_size
         try:
             index = (directory / "index").read_bytes()
         except OSError:
             index = b""
         runs = [_RUN.unpack_from(index, i) for i in range(0, len(index) - _RUN.size + 1, _RUN.size)]
+        numbers = sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
+        if numbers:
+            log._size = numbers[-1] * seg_size + log._segment_path(numbers[-1]).stat().st_size
+            # keep the newest contiguous run of segments (older ones were dropped by retention); a segment that
+            # was never written because all of it was lost does not break the run
+            lost = _lost_spans(runs, log._size)
+            first = numbers[-1]
+            while first - 1 in numbers or _covered(lost, (first - 1) * seg_size, first * seg_size):
+                first -= 1
+            while first not in numbers:  # the oldest kept segment is one that holds bytes
+                first += 1
+            log._start = first * seg_size
         runs = [(start, fd) for start, fd in runs if start <= log._size]
         if not runs and log._size:
             runs = [(0, STDOUT)]
@@ -160,21 +178,22 @@ class OutputLog:
             self._index_fd = os.open(self._dir / "index", flags, 0o600)
         return self._index_fd
 
-    def _grow(self, fd_tag: int, n: int) -> None:
+    def _declare(self, fd_tag: int) -> None:
+        """Start a run of fd_tag at the current end, on disk before any of its bytes (crash consistency)."""
         if fd_tag != self._last_fd:
             os.write(self._index(), _RUN.pack(self._size, fd_tag))
             self._runs += 1
             self._last_fd = fd_tag
             self._last_run_start = self._size
-        self._size += n
 
     def append(self, fd_tag: int, data: bytes) -> None:
         """Append bytes read from stream fd_tag (call notify() once after a batch)."""
         view = memoryview(data)
+        self._declare(fd_tag)
         while view:
             wfd, pos, room = self._write_target()
             n = os.pwrite(wfd, view[:room], pos)
-            self._grow(fd_tag, n)
+            self._size += n
             view = view[n:]
 
     def splice_from(self, fd_tag: int, pipe_fd: int, limit: int) -> int:
@@ -183,10 +202,21 @@ class OutputLog:
         Returns 0 at EOF; raises BlockingIOError when the pipe is empty.
         """
         wfd, pos, room = self._write_target()
+        self._declare(fd_tag)
         n = os.splice(pipe_fd, wfd, min(limit, room), offset_dst=pos, flags=_SPLICE_FLAGS)
-        if n:
-            self._grow(fd_tag, n)
+        self._size += n
         return n
+
+    def skip_lost(self, n: int) -> bool:
+        """Mark the next n offsets as lost (their bytes could not be stored); False if even that could not be
+        recorded (then only lost_bytes counts them)."""
+        self.lost_bytes += n
+        try:
+            self._declare(LOST)
+        except OSError:
+            return False
+        self._size += n
+        return True
 
     def notify(self) -> None:
         """Wake every waiting reader (once per batch of appends, not per chunk), after applying retention."""
@@ -290,7 +320,7 @@ class OutputLog:
                 if pos < limit:
                     if pos >= run_end:
                         run_fd, run_end = self._run_at(pos)
-                    if only is not None and run_fd != only:
+                    if run_fd == LOST or (only is not None and run_fd != only):
                         pos = min(run_end, limit)
                         continue
                     k, within = divmod(pos, self._seg_size)
@@ -330,7 +360,7 @@ class OutputLog:
                 start, fd = self._run_entry(i)
                 end = self._run_entry(i + 1)[0] if i + 1 < self._runs else self._size
                 start = max(start, self._start)
-                if end <= start or (only is not None and fd != only):
+                if end <= start or fd == LOST or (only is not None and fd != only):
                     continue
                 hi = end
                 while hi > start:

@@ -225,7 +225,14 @@ def test_a_full_disk_loses_output_but_never_blocks_jobs(small_fs: Path, keys: Pk
     record = stub.Wait(pb.GetRequest(id=job.id), timeout=120)
     assert record.status == pb.JOB_STATUS_FINISHED and record.exit_code == 0  # never blocked
     assert record.output_lost_bytes > 0
-    assert record.output_bytes + record.output_lost_bytes == 40 << 20
+    assert record.output_bytes == 40 << 20  # offsets count every byte the job wrote, stored or lost
+    # a reader sees where the output was lost: the offsets jump over it, and the bytes around it are exact
+    chunks = [(m.offset, m.data) for m in stub.Stream(pb.StreamRequest(id=job.id), timeout=60)]
+    stored = sum(len(d) for _, d in chunks)
+    assert stored == record.output_bytes - record.output_lost_bytes and not any(any(d) for _, d in chunks)
+    gaps = [b[0] - (a[0] + len(a[1])) for a, b in itertools.pairwise(chunks) if b[0] != a[0] + len(a[1])]
+    tail = record.output_bytes - (chunks[-1][0] + len(chunks[-1][1])) if chunks else record.output_bytes
+    assert sum(gaps) + tail == record.output_lost_bytes  # lost in the middle (a jump) or at the end
     with pytest.raises(grpc.RpcError) as err:
         stub.Start(pb.StartRequest(argv=[b"true"]))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details()

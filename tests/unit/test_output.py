@@ -267,3 +267,66 @@ async def test_a_reader_asks_for_its_chunk_size_before_each_read(tmp_path: Path)
     chunks = [c async for c in log.follow(chunk_size=lambda: next(sizes))]
     assert [len(c.data) for c in chunks] == [1000, 7, 25_600 - 1007]  # the last read is what is left
     assert joined(chunks) == bytes(range(256)) * 100
+
+
+def _writes_then_crash(directory: Path, crash_after: int) -> None:
+    """In a child: alternate stdout and stderr appends, and die like kill -9 right after the crash_after-th
+    write syscall (index or data)."""
+    import jobsvc.output as output
+
+    calls = 0
+    real_write, real_pwrite = os.write, os.pwrite
+
+    def counted(real):  # type: ignore[no-untyped-def]
+        def call(*args):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            result = real(*args)
+            calls += 1
+            if calls == crash_after:
+                os._exit(0)
+            return result
+
+        return call
+
+    output.os.write = counted(real_write)  # type: ignore[assignment]
+    output.os.pwrite = counted(real_pwrite)  # type: ignore[assignment]
+    log = OutputLog(directory, segment_size=1 << 16)
+    for i in range(12):
+        log.append(STDOUT if i % 2 == 0 else STDERR, (b"o" if i % 2 == 0 else b"e") * (3000 + i))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("crash_after", range(1, 30))
+async def test_a_crash_between_any_two_writes_never_mislabels_a_byte(tmp_path: Path, crash_after: int) -> None:
+    # Each byte says which stream it came from (o or e): after a crash at any point, every byte read back is
+    # under its own stream, whatever was cut off.
+    directory = tmp_path / "out"
+    pid = os.fork()
+    if pid == 0:
+        _writes_then_crash(directory, crash_after)
+    os.waitpid(pid, 0)
+    log = OutputLog.recover(directory)
+    chunks = await collect(log)
+    assert b"o" not in joined(chunks, STDERR) and b"e" not in joined(chunks, STDOUT)
+    assert sum(len(c.data) for c in chunks) <= log.size
+
+
+async def test_lost_output_is_a_gap_readers_see_where_it_is(tmp_path: Path) -> None:
+    from jobsvc.output import LOST
+
+    log = OutputLog(tmp_path / "out", segment_size=1 << 16)
+    log.append(STDOUT, b"before\n")
+    assert log.skip_lost(3 << 16)  # more than two whole segments never written
+    log.append(STDERR, b"after\n")
+    log.notify()
+    assert log.lost_bytes == 3 << 16 and log.size == 7 + (3 << 16) + 6
+    chunks = [c async for c in log.follow(follow=False)]
+    assert [(c.offset, c.fd, c.data) for c in chunks] == [(0, STDOUT, b"before\n"), (7 + (3 << 16), STDERR, b"after\n")]
+    assert all(c.fd != LOST for c in chunks)
+    last_line = log.tail_offset(1)  # the gap holds no bytes, so no lines either
+    assert [c.data async for c in log.follow(last_line, follow=False)] == [b"after\n"]
+    log.close()
+    # after a restart the gap is still where it was, and the segments on either side of it are kept
+    again = OutputLog.recover(tmp_path / "out")
+    assert (again.start, again.size) == (0, log.size)
+    assert [(c.offset, c.data) for c in await collect(again)] == [(0, b"before\n"), (7 + (3 << 16), b"after\n")]
