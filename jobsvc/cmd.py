@@ -47,6 +47,17 @@ SIZE, CPUS, DURATION = _Parsed("size", parse_size), _Cpu(), _Parsed("duration", 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+def _uid_range(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    first, sep, last = value.partition("-")
+    try:
+        lo, hi = int(first), int(last)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not FIRST-LAST, e.g. 61184-65519") from None
+    if not sep or not 0 < lo <= hi < 2**31:
+        raise click.BadParameter(f"{value!r} is not a range of uids FIRST-LAST with 0 < FIRST <= LAST")
+    return lo, hi
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="jobsvc")
 def main() -> None:
@@ -105,6 +116,16 @@ def main() -> None:
     metavar="NAME",
     help="Run every job as this account (e.g. root) instead of a transient uid per job. Opt-in for "
     "trusted setups only.",
+)
+@click.option(
+    "--job-uids",
+    "uid_range",
+    metavar="FIRST-LAST",
+    default="61184-65519",
+    show_default=True,
+    callback=_uid_range,
+    help="The uids transient job users come from (systemd's DynamicUser= range), taken host-wide: no two live "
+    "jobs of any jobsvc servers on this host share one.",
 )
 @click.option(
     "--admin",
@@ -191,6 +212,7 @@ def serve(
     max_pids: int | None,
     work_root: Path,
     job_user: str | None,
+    uid_range: tuple[int, int],
     admins: tuple[str, ...],
     max_running_per_user: int,
     max_running_total: int,
@@ -227,6 +249,7 @@ def serve(
         max_argv_bytes=max_argv_bytes,
         work_root=work_root.absolute(),
         job_user=job_user,
+        uid_range=uid_range,
         admins=frozenset(admins),
         max_running_per_user=max_running_per_user,
         max_running_total=max_running_total,

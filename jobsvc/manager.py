@@ -11,7 +11,6 @@ import errno
 import logging
 import math
 import os
-import shutil
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -30,6 +29,7 @@ from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
 from jobsvc.users import DYNAMIC_RANGE, JobUser, UidPool, named_user
+from jobsvc.workroot import WorkRoot
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class EngineConfig:
     max_argc: int = 4096
     durable: bool = True
     work_root: Path = Path("/var/tmp/jobsvc")  # each job gets a fresh working directory here
+    private_tmp: bool = True  # each job gets its own /tmp, /var/tmp, /dev/shm, IPC and a /proc of its own uid
+    uid_lock_dir: Path | None = Path("/run/jobsvc/uids")  # host-wide: two servers never hand out one uid
     job_user: str | None = None  # None: a transient uid per job from uid_range
     uid_range: tuple[int, int] = DYNAMIC_RANGE
     admins: frozenset[str] = frozenset()
@@ -123,7 +125,8 @@ class JobManager:
         self._by_owner: dict[str, dict[str, Job]] = {}
         self._authz = Authz(config.admins)
         self._fixed_user = named_user(config.job_user) if config.job_user is not None else None
-        self._uids = UidPool(*config.uid_range)
+        self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
+        self._work = WorkRoot(config.work_root)
         self._users: dict[str, JobUser] = {}
         self._running: dict[str, int] = {}
         self._streams: dict[str, int] = {}  # open streams per user (the quota)
@@ -142,8 +145,7 @@ class JobManager:
     def open(cls, config: EngineConfig, driver: CgroupDriver | None = None) -> JobManager:
         """Set up the state dir, the work root, this instance's cgroups and the spawn helper."""
         store = JobStore(config.state_dir, durable=config.durable)
-        config.work_root.mkdir(parents=True, exist_ok=True)
-        os.chmod(config.work_root, 0o711)  # jobs may enter their own directory, but not list the others
+        WorkRoot(config.work_root).prepare()
         if driver is None:
             driver = detect(store.instance_id())
         log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
@@ -171,6 +173,8 @@ class JobManager:
             if not record.status.ended:
                 await group.kill()
                 await group.destroy()
+                self._work.retire(record.id)  # as at a job's end: its uid will run other jobs
+                self._work.remove_private(record.id)
                 record = dataclasses.replace(
                     record, status=JobStatus.STOPPED, reason="server restarted", ended_at=self._clock()
                 )
@@ -266,11 +270,12 @@ class JobManager:
         job_id = str(uuid.uuid4())
         user = self._fixed_user or self._uids.acquire()
         try:
-            fresh_dir = self._make_workdir(job_id, user)
+            fresh_dir = self._work.make_workdir(job_id, user.uid, user.gid)
+            private = self._work.make_private(job_id) if self.config.private_tmp else None
             group = self._driver.create(job_id, limits)
         except BaseException:
             self._release_user(user)
-            self._remove_workdir(job_id)
+            self._work.remove(job_id)
             raise
         out_r = out_w = err_r = err_w = -1
         output: OutputLog | None = None
@@ -287,6 +292,7 @@ class JobManager:
                 uid=user.uid,
                 gid=user.gid,
                 umask=JOB_UMASK,
+                private_dirs=private,
             )
             job = Job(
                 job_id,
@@ -328,7 +334,7 @@ class JobManager:
             await group.kill()
             await group.destroy()
             self._store.remove(job_id)
-            self._remove_workdir(job_id)
+            self._work.remove(job_id)
             self._release_user(user)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhaustedError(
@@ -345,9 +351,11 @@ class JobManager:
 
     async def _on_end(self, job: Job) -> None:
         await job.wait()
-        # The group is empty, so no process holds the uid any more.
+        # The group is empty, so no process holds the uid any more; nothing it left may stay reachable by it.
+        self._work.retire(job.id)
         self._release_user(self._users.pop(job.id))
         self._running[job.owner] -= 1
+        await asyncio.to_thread(self._work.remove_private, job.id)
 
     async def _write(self, record: JobRecord) -> None:
         """Write a record durably from the writer thread; the loop goes on meanwhile."""
@@ -513,7 +521,7 @@ class JobManager:
         self._unsaved.pop(job.id, None)
         job.output.close()
         self._store.remove(job.id)
-        self._remove_workdir(job.id)
+        self._work.remove(job.id)
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -536,15 +544,6 @@ class JobManager:
     def _release_user(self, user: JobUser) -> None:
         if user is not self._fixed_user:
             self._uids.release(user)
-
-    def _make_workdir(self, job_id: str, user: JobUser) -> Path:
-        path = self.config.work_root / job_id
-        path.mkdir(mode=0o700)
-        os.chown(path, user.uid, user.gid)
-        return path
-
-    def _remove_workdir(self, job_id: str) -> None:
-        shutil.rmtree(self.config.work_root / job_id, ignore_errors=True)
 
     async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> None:
         """Stop every running job and the spawn helper; remove this instance's groups."""

@@ -44,6 +44,9 @@ class SpawnRequest:
     uid: int | None = None
     gid: int | None = None
     umask: int | None = None
+    # (private /tmp, private /var/tmp) directories: run the job in its own mount and IPC namespaces with these
+    # over /tmp and /var/tmp, fresh /dev/shm, /run/lock and /dev/mqueue, and a /proc that hides other uids
+    private_dirs: tuple[str, str] | None = None
 
 
 class Spawner:
@@ -157,6 +160,7 @@ class Spawner:
             "uid": req.uid,
             "gid": req.gid,
             "umask": req.umask,
+            "private": list(req.private_dirs) if req.private_dirs is not None else None,
         }
         payload = json.dumps(msg).encode()
         if len(payload) > MAX_MESSAGE:

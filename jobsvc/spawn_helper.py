@@ -29,7 +29,13 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
 
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
+
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _ignored: list[signal.Signals] = []  # what the child must reset; filled once the helper is set up
 
 
@@ -37,6 +43,52 @@ def _prctl(option: int, arg: int) -> None:
     if _libc.prctl(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _sandbox(private: list[str], cwd: str) -> None:
+    """Private /tmp, /var/tmp, /dev/shm, /run/lock, IPC and a /proc showing only the job's own uid's processes
+    (systemd's PrivateTmp=, PrivateIPC= and ProtectProc=invisible): nothing a job leaves there outlives it, and
+    a later job that gets the same transient uid finds none of it."""
+    if _libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "unshare")
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted here reaches the host
+    try:  # the working directory, before a private dir may hide it
+        keep = os.open(cwd, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        keep = -1  # the chdir later fails and says why
+    try:
+        _mount(private[0], "/tmp", None, _MS_BIND)
+        _mount(private[1], "/var/tmp", None, _MS_BIND)
+        for target, options in (("/dev/shm", "mode=1777"), ("/run/lock", "mode=1777,size=5m")):
+            if os.path.isdir(target):
+                _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
+        if os.path.isdir("/dev/mqueue"):  # POSIX queues of the job's own IPC namespace
+            _mount("mqueue", "/dev/mqueue", "mqueue", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible")
+        if keep >= 0 and not _same(cwd, keep):  # it lay under /tmp or /var/tmp: bring it back at its own path
+            os.makedirs(cwd, mode=0o711, exist_ok=True)
+            _mount(f"/proc/self/fd/{keep}", cwd, None, _MS_BIND)
+    finally:
+        if keep >= 0:
+            os.close(keep)
+
+
+def _same(path: str, fd: int) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except OSError:
+        return False
 
 
 def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
@@ -49,6 +101,9 @@ def _child(msg: dict[str, Any], out: int, err: int, status_w: int) -> None:
             fd = os.open(path, os.O_WRONLY)
             os.write(fd, b"0")
             os.close(fd)
+        stage = "sandbox"
+        if msg.get("private"):
+            _sandbox(msg["private"], msg["cwd"])
         stage = "setup"
         with contextlib.suppress(OSError):
             fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)

@@ -105,17 +105,16 @@ async def test_exit_codes_and_signals_are_reported(engine: JobManager) -> None:
 
 
 async def test_exec_failures_fail_start_naming_the_cause(engine: JobManager, tmp_path: Path) -> None:
-    not_exec = tmp_path / "script.sh"
-    not_exec.write_text("#!/bin/sh\necho hi\n")
+    not_exec = "/etc/passwd"  # a plain file outside /tmp and /var/tmp (jobs have private ones)
     before = sorted(p.name for p in engine.instance_groups[0].iterdir() if p.is_dir())
     with pytest.raises(InvalidArgumentError, match="No such file or directory"):
         await engine.start("alice", ["/no/such/program"])
     with pytest.raises(InvalidArgumentError, match="No such file or directory"):
         await engine.start("alice", ["no-such-command-anywhere"])
     with pytest.raises(InvalidArgumentError, match="Permission denied"):
-        await engine.start("alice", [str(not_exec)])
+        await engine.start("alice", [not_exec])
     with pytest.raises(InvalidArgumentError, match="Permission denied"):
-        await engine.start("alice", [str(tmp_path)])  # a directory
+        await engine.start("alice", ["/etc"])  # a directory
     for bad in ([], [""], ["echo", "a\0b"]):
         with pytest.raises(InvalidArgumentError):
             await engine.start("alice", bad)

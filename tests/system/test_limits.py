@@ -15,7 +15,7 @@ import pytest
 from jobsvc.errors import InvalidArgumentError
 from jobsvc.limits import resolve_device
 from jobsvc.manager import JobManager
-from jobsvc.model import IoLimit, Limits
+from jobsvc.model import IoLimit, JobRecord, Limits
 from jobsvc.output import STDOUT
 from jobsvc.states import JobStatus
 from tests.system.conftest import CGROUP_VERSION, job_group_dirs, processes_in_cgroup_named
@@ -68,20 +68,25 @@ def _disk_of(path: Path) -> str:
 
 async def test_disk_write_and_read_bandwidth_are_throttled(engine: JobManager, tmp_path: Path) -> None:
     disk = _disk_of(engine.config.work_root)
-    # every job runs as its own uid: the test makes a file all of them may read and overwrite in place
-    data = engine.config.work_root / "shared-data"
+    # every job runs as its own uid: the test makes a file all of them may read and overwrite in place, in a
+    # directory they all work in (its path is under /var/tmp, which each job sees privately, but a job's working
+    # directory is there for it wherever it is)
+    shared = engine.config.work_root / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    data = shared / "shared-data"
     data.write_bytes(b"\0" * 4 * MiB)
     data.chmod(0o666)
-    write = ["dd", "if=/dev/zero", f"of={data}", "bs=1M", "count=4", "oflag=direct", "conv=notrunc"]
-    read = ["dd", f"if={data}", "of=/dev/null", "bs=1M", "iflag=direct"]
-    control_write = await engine.wait("root", (await engine.start("root", write)).id)
-    control_read = await engine.wait("root", (await engine.start("root", read)).id)
-    limited_write = await engine.wait(
-        "root", (await engine.start("root", write, Limits(io=(IoLimit(disk, write_bps=MiB),)))).id
-    )
-    limited_read = await engine.wait(
-        "root", (await engine.start("root", read, Limits(io=(IoLimit(disk, read_bps=MiB),)))).id
-    )
+    write = ["dd", "if=/dev/zero", "of=shared-data", "bs=1M", "count=4", "oflag=direct", "conv=notrunc"]
+    read = ["dd", "if=shared-data", "of=/dev/null", "bs=1M", "iflag=direct"]
+
+    async def run(argv: list[str], limits: Limits | None = None) -> JobRecord:
+        return await engine.wait("root", (await engine.start("root", argv, limits, workdir=str(shared))).id)
+
+    control_write = await run(write)
+    control_read = await run(read)
+    limited_write = await run(write, Limits(io=(IoLimit(disk, write_bps=MiB),)))
+    limited_read = await run(read, Limits(io=(IoLimit(disk, read_bps=MiB),)))
     for rec in (control_write, control_read, limited_write, limited_read):
         assert rec.exit_code == 0
     assert seconds(limited_write) >= 3.0, seconds(limited_write)

@@ -1,0 +1,68 @@
+"""Where jobs work: a fresh working directory per job, and the job's private /tmp and /var/tmp.
+
+    <root>/                       0711: a job may enter its own directory by name, not list the others
+      <job id>/                   the job's fresh working directory (HOME), owned by its uid while it runs
+      .private/                   0700 root: reachable by a job only through its own namespace's /tmp, /var/tmp
+        <job id>/tmp, var-tmp     1777, bound over /tmp and /var/tmp in the job's mount namespace
+
+A transient uid comes back to a later job, so nothing a job leaves may stay reachable by that uid: its private
+dirs are removed when it ends, and its working directory is kept (for whoever administers the host) but given
+to root, mode 0700 [systemd: DynamicUser= with PrivateTmp= and RemoveIPC=].
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+PRIVATE = ".private"
+
+
+class WorkRoot:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._private = root / PRIVATE
+
+    def prepare(self) -> None:
+        """Create the root (and its private area) with their modes; idempotent."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        self._private.mkdir(exist_ok=True)
+        os.chmod(self._private, 0o700)
+
+    def make_workdir(self, job_id: str, uid: int, gid: int) -> Path:
+        path = self.root / job_id
+        path.mkdir(mode=0o700)
+        os.chown(path, uid, gid)
+        return path
+
+    def make_private(self, job_id: str) -> tuple[str, str]:
+        """The job's private /tmp and /var/tmp (sticky and world-writable inside, like the real ones)."""
+        base = self._private / job_id
+        base.mkdir(mode=0o700)
+        dirs = []
+        for name in ("tmp", "var-tmp"):
+            d = base / name
+            d.mkdir()
+            os.chmod(d, 0o1777)
+            dirs.append(str(d))
+        return dirs[0], dirs[1]
+
+    def retire(self, job_id: str) -> None:
+        """The job has ended: its working directory becomes root's (its uid may run the next job)."""
+        path = self.root / job_id
+        try:
+            os.chown(path, 0, 0, follow_symlinks=False)
+            os.chmod(path, 0o700)  # root's own directory (its parent is root's too): not a job's symlink
+        except FileNotFoundError:
+            pass
+
+    def remove_private(self, job_id: str) -> None:
+        """Delete the job's private /tmp and /var/tmp (blocking: can be many files; call it off the loop)."""
+        shutil.rmtree(self._private / job_id, ignore_errors=True)
+
+    def remove(self, job_id: str) -> None:
+        """Delete everything of the job (retention, or a Start that failed); blocking."""
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+        self.remove_private(job_id)
