@@ -11,7 +11,7 @@ STATE ?= .jobsvc
 DELEGATE := $(shell [ "$$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ] && [ -d /run/systemd/system ] \
 	&& command -v systemd-run >/dev/null && echo "systemd-run --scope -p Delegate=yes --quiet --")
 
-.PHONY: all venv test unit-test system-test lint proto run clean bench vm-box vm-test
+.PHONY: all venv test unit-test system-test lint proto run serve-dev clean bench vm-box vm-test
 
 all: test
 
@@ -50,7 +50,14 @@ bench: $(STAMP)
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
-run: $(STAMP)
+# the root check comes first, before anything is installed: jobsvc creates cgroups and runs jobs as their own uids
+run:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "jobsvc serve must run as root (it creates cgroups and runs each job as its own uid): sudo make run" >&2; \
+		exit 1; fi
+	@$(MAKE) --no-print-directory serve-dev
+
+serve-dev: $(STAMP)
 	@if [ -z "$$(ls -A $(STATE)/pki 2>/dev/null)" ]; then \
 		$(VENV)/bin/jobsvc pki init $(STATE)/pki --user alice --user bob; fi
 	@echo "# point jobctl at this server (these are also jobctl's defaults when run from this directory):"
@@ -58,6 +65,7 @@ run: $(STAMP)
 	@echo "export JOBCTL_CA_CERT=$(CURDIR)/$(STATE)/pki/ca.pem"
 	@echo "export JOBCTL_CLIENT_CERT=$(CURDIR)/$(STATE)/pki/alice.pem JOBCTL_CLIENT_KEY=$(CURDIR)/$(STATE)/pki/alice-key.pem"
 	@echo "export PATH=$(CURDIR)/$(VENV)/bin:\$$PATH"
+	@echo "# jobsvc stays in the foreground on $(LISTEN); Ctrl-C stops it and its jobs"
 	exec $(DELEGATE) $(VENV)/bin/jobsvc serve --listen $(LISTEN) --state-dir $(STATE)/state \
 		--ca-cert $(STATE)/pki/ca.pem --server-cert $(STATE)/pki/server.pem --server-key $(STATE)/pki/server-key.pem
 

@@ -6,6 +6,7 @@ usage errors stay fast.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,16 @@ class ClientError(Exception):
     """A failed operation, with a message fit for one line on stderr."""
 
 
-class ConnectionLostError(ClientError):
+class UnavailableError(ClientError):
+    """The server could not be reached or closed the connection (it may be restarting)."""
+
+
+class ConnectionLostError(UnavailableError):
     """The connection dropped in the middle of a stream (worth resuming)."""
+
+
+class WaitTimeoutError(ClientError):
+    """Wait's own deadline passed while the job was still running."""
 
 
 @dataclass(frozen=True)
@@ -32,20 +41,47 @@ class Output:
     data: bytes
 
 
-def _read(path: Path, what: str, hint: str) -> bytes:
+def _read(path: Path, what: str, hint: str, marker: bytes) -> bytes:
+    """The file's bytes, which must hold a PEM block with marker (checked without importing cryptography)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as e:
         raise ClientError(f"{what} {path}: {e.strerror} (set {hint})") from None
+    if marker not in data:
+        kind = "private key" if b"KEY" in marker else "certificate"
+        raise ClientError(f"{what} {path} holds no PEM {kind} (set {hint})")
+    return data
+
+
+def check_target(target: str) -> str | None:
+    """Why target is not HOST:PORT (None when it is)."""
+    host, sep, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [::1]:50051
+    if not sep or not host or not port:
+        return f"want HOST:PORT (e.g. 127.0.0.1:50051), got {target!r}"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"port must be a number from 1 to 65535, got {port!r} in {target!r}"
+    if any(c.isspace() or c in "/?#@" for c in host) or not host.isprintable():
+        return f"{host!r} is not a host name or address (in {target!r})"
+    return None
 
 
 class JobClient:
     def __init__(
         self, target: str, ca_cert: Path, client_cert: Path, client_key: Path, timeout: float | None = 10.0
     ) -> None:
-        ca = _read(ca_cert, "CA certificate", "--ca-cert or JOBCTL_CA_CERT")
-        cert = _read(client_cert, "client certificate", "--client-cert or JOBCTL_CLIENT_CERT")
-        key = _read(client_key, "client key", "--client-key or JOBCTL_CLIENT_KEY")
+        problem = check_target(target)
+        if problem:
+            raise ClientError(f"target: {problem}")
+        begin_cert = b"-----BEGIN CERTIFICATE-----"
+        ca = _read(ca_cert, "CA certificate", "--ca-cert or JOBCTL_CA_CERT", begin_cert)
+        cert = _read(client_cert, "client certificate", "--client-cert or JOBCTL_CLIENT_CERT", begin_cert)
+        key = _read(client_key, "client key", "--client-key or JOBCTL_CLIENT_KEY", b"PRIVATE KEY-----")
+        self._files = (ca_cert, client_cert, client_key)
+        # grpc's C core logs its own view of every failure on stderr; jobctl says it in one line instead
+        # (GRPC_VERBOSITY=debug still shows everything)
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         import grpc
 
         from jobsvc._pb import jobs_pb2, jobs_pb2_grpc
@@ -82,14 +118,26 @@ class JobClient:
         sc = self._grpc.StatusCode
         if code == sc.UNAVAILABLE:
             lowered = details.lower()
-            if "handshake" in lowered or "ssl" in lowered or "tls" in lowered or "certificate" in lowered:
-                return ClientError(f"TLS handshake with {self.target} failed (check the certificates)")
-            if "socket closed" in lowered or "connection reset" in lowered:
+            if "security handshaker" in lowered:  # grpc could not use the local files: say which one is wrong
+                from .tlscheck import diagnose
+
+                ca, cert, key = self._files
+                return ClientError(diagnose(ca, cert, key) or f"cannot use {cert} and {key} for TLS")
+            if "wrong_version_number" in lowered or "http_request" in lowered:
+                return ClientError(f"{self.target} does not speak TLS: is it jobsvc's port? (set --target)")
+            if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
                 return ClientError(
-                    f"jobsvc at {self.target} closed the connection during the TLS handshake "
-                    "(is your client certificate signed by the server's CA, and still valid?)"
+                    f"the certificate of the server at {self.target} is not signed by the CA in {self._files[0]}"
+                    " (set --ca-cert or JOBCTL_CA_CERT)"
                 )
-            return ClientError(f"cannot reach jobsvc at {self.target} ({_short(details)})")
+            if "handshake" in lowered or "ssl" in lowered or "tls" in lowered:
+                return UnavailableError(f"TLS handshake with {self.target} failed ({_short(details)})")
+            if "socket closed" in lowered or "connection reset" in lowered:
+                return UnavailableError(
+                    f"jobsvc at {self.target} closed the connection ({_short(details)}): it may be restarting, or "
+                    "refuse your client certificate (not signed by its CA, expired or revoked)"
+                )
+            return UnavailableError(f"cannot reach jobsvc at {self.target} ({_short(details)})")
         if code == sc.NOT_FOUND and job_id:
             return ClientError(f"{details}: {job_id}")
         if code == sc.DEADLINE_EXCEEDED:
@@ -131,21 +179,30 @@ class JobClient:
         wait = None if self.timeout is None else self.timeout + (grace if grace is not None else 3600)
         return job_from_pb(self._call("Stop", req, timeout=wait))
 
-    def wait(self, job_id: str) -> JobRecord:
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """The job's final record; WaitTimeoutError when timeout (seconds) passes first."""
         from jobsvc.wire import job_from_pb
 
-        return job_from_pb(self._call("Wait", self._pb.GetRequest(id=job_id), timeout=None))
+        try:
+            return job_from_pb(self._stub.Wait(self._pb.GetRequest(id=job_id), timeout=timeout))
+        except self._grpc.RpcError as e:
+            if e.code() == self._grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                raise WaitTimeoutError(f"job {job_id} is still running after {timeout:g}s") from None
+            raise self._error(e, job_id) from None
 
-    def list(self, status: str | None = None, since: float | None = None) -> list[JobRecord]:
+    def list(self, status: str | tuple[str, ...] | None = None, since: float | None = None) -> list[JobRecord]:
+        """Jobs with any of the given statuses (all when none), oldest first."""
         from jobsvc.states import JobStatus
         from jobsvc.wire import job_from_pb, status_to_pb
 
+        wanted = (status,) if isinstance(status, str) else tuple(status or ())
         req = self._pb.ListRequest()
-        if status is not None:
-            req.status = status_to_pb(JobStatus(status))  # type: ignore[assignment]
+        if len(set(wanted)) == 1:  # the server filters one status; a union is filtered here
+            req.status = status_to_pb(JobStatus(wanted[0]))  # type: ignore[assignment]
         if since is not None:
             req.since_seconds = since
-        return [job_from_pb(j) for j in self._call("List", req).jobs]
+        records = [job_from_pb(j) for j in self._call("List", req).jobs]
+        return [r for r in records if not wanted or r.status.value in wanted]
 
     def stream(
         self,
@@ -175,8 +232,10 @@ class JobClient:
                 return
             err = self._error(e, job_id)
             dropped = received or "failed to connect" not in (e.details() or "")
-            if e.code() == self._grpc.StatusCode.UNAVAILABLE and dropped:
-                raise ConnectionLostError(str(err)) from None
+            if isinstance(err, UnavailableError) and dropped:
+                raise ConnectionLostError(
+                    f"the connection to jobsvc at {self.target} was lost ({_short(e.details() or '')})"
+                ) from None
             raise err from None
         finally:
             call.cancel()

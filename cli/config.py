@@ -59,8 +59,18 @@ class Config:
             unknown = set(ctx) - set(KEYS)
             if unknown:
                 raise ConfigError(f"{path}: context {name!r} has unknown keys: {', '.join(sorted(unknown))}")
+            for key, value in ctx.items():
+                if key == "timeout":
+                    ok = isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool))
+                    want = 'a number of seconds or a duration such as "90s"'
+                else:
+                    ok, want = isinstance(value, str) and value != "", "a non-empty string"
+                if not ok:
+                    raise ConfigError(f"{path}: context {name!r}: {key} must be {want}, got {value!r}")
         current = data.get("current_context")
-        return cls(path, current if isinstance(current, str) else None, contexts)
+        if current is not None and not isinstance(current, str):
+            raise ConfigError(f"{path}: current_context must be a string (a context's name), got {current!r}")
+        return cls(path, current, contexts)
 
     def context(self, name: str) -> dict[str, Any]:
         try:

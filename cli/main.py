@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -22,7 +23,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 PKI = Path(".jobsvc/pki")  # where `make run` puts the dev certificates
 SETTINGS = ("target", "ca_cert", "client_cert", "client_key", "timeout")
 PATH_SETTINGS = ("ca_cert", "client_cert", "client_key")
-STREAM_RETRIES = 5
+MIN_PREFIX = 4  # the server resolves id prefixes of at least this many characters (jobsvc.manager.MIN_PREFIX)
+FULL_ID = 36
+MAX_PIDS = 4 * 1024 * 1024  # jobsvc.limits.MAX_PIDS, the kernel's PID_MAX_LIMIT (kept out of start-up imports)
+MAX_INT64 = 2**63 - 1
+WAIT_TIMED_OUT = 124  # like timeout(1)
 
 
 class Fail(click.ClickException):
@@ -65,6 +70,34 @@ def call(fn: Callable[[], Any]) -> Any:
 
 def _bad(message: str, hint: str) -> click.BadParameter:
     return click.BadParameter(message, param_hint=hint)
+
+
+class Duration(click.ParamType):
+    """Seconds as 90, 90s, 1m30s, 2m, 1.5h, 7d (jobsvc.limits.parse_duration, as the server reads them)."""
+
+    name = "duration"
+
+    def __init__(self, allow_zero: bool = False, maximum: float | None = None) -> None:
+        self.allow_zero = allow_zero
+        self.maximum = maximum
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = repr(value)  # a default or a number from the config file
+        if not isinstance(value, str):
+            self.fail(f"want a duration such as 90s or 1m30s, got {value!r}", param, ctx)
+        from jobsvc.limits import parse_duration
+
+        try:
+            seconds = parse_duration(value, "duration", allow_zero=self.allow_zero)
+        except InvalidArgumentError as e:
+            self.fail(e.message.removeprefix("duration: "), param, ctx)
+        if self.maximum is not None and seconds > self.maximum:
+            self.fail(f"{value!r} is more than the maximum of {self.maximum:g}s", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
 
 
 # -- shell completion --------------------------------------------------------------------------------------------
@@ -113,7 +146,7 @@ def _size_option(value: str | None, what: str) -> int | None:
 
 
 def _limits(opts: dict[str, Any]) -> Limits:
-    from jobsvc.limits import merge_io, parse_cpu, parse_size, split_device_value
+    from jobsvc.limits import merge_io, parse_count, parse_cpu, parse_size, split_device_value
     from jobsvc.model import Limits
 
     cpu = None
@@ -133,16 +166,18 @@ def _limits(opts: dict[str, Any]) -> Limits:
             hint = "--" + flag.replace("_", "-")
             try:
                 dev, value = split_device_value(text, hint)
-                n = parse_size(value, hint) if is_rate else int(value)
-            except (InvalidArgumentError, ValueError) as e:
-                msg = e.message if isinstance(e, InvalidArgumentError) else f"want DEV=N, got {text!r}"
-                raise _bad(msg, hint) from None
+                n = parse_size(value, hint) if is_rate else parse_count(value, hint)
+            except InvalidArgumentError as e:
+                raise _bad(e.message.removeprefix(hint + ": "), hint) from None
             io_entries.append((dev, name, n))
     try:
         io = merge_io(io_entries)
     except InvalidArgumentError as e:
         raise click.BadParameter(e.message) from None
     return Limits(cpu=cpu, memory_bytes=_size_option(opts["memory"], "--memory"), pids=opts["pids"], io=io)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _env(opts: dict[str, Any]) -> dict[str, bytes]:
@@ -166,38 +201,82 @@ def _env(opts: dict[str, Any]) -> dict[str, bytes]:
         name, sep, value = text.partition("=")
         if not sep or not name:
             raise _bad(f"want NAME=VALUE, got {text!r}", hint)
+        if not _ENV_NAME.fullmatch(name):
+            extra = " (drop the 'export')" if name.startswith("export ") else ""
+            raise _bad(
+                f"invalid environment variable name {name!r}{extra}: want letters, digits and _, "
+                "not starting with a digit",
+                hint,
+            )
         env[name] = os.fsencode(value)
     return env
 
 
 def _job_spec(opts: dict[str, Any]) -> dict[str, Any]:
     """start/run options -> JobClient.start keyword arguments."""
-    from jobsvc.limits import parse_duration
-
-    timeout = None
-    if opts["timeout"] is not None:
-        try:
-            timeout = parse_duration(opts["timeout"], "--timeout")
-        except InvalidArgumentError as e:
-            raise _bad(e.message, "--timeout") from None
-    return {"limits": _limits(opts), "env": _env(opts), "workdir": opts["workdir"], "timeout": timeout}
+    return {"limits": _limits(opts), "env": _env(opts), "workdir": opts["workdir"], "timeout": opts["timeout"]}
 
 
 def job_options(f: F) -> F:
     options = [
-        click.option("--cpu", metavar="N", help="CPUs as a decimal (0.25 = a quarter of one CPU)."),
-        click.option("--memory", metavar="SIZE", help="Memory limit in bytes, K/M/G suffixes (binary units)."),
-        click.option("--pids", type=int, metavar="N", help="At most N processes and threads."),
-        click.option("--io-read-bps", multiple=True, metavar="DEV=RATE", help="Read bytes/s for a disk (repeatable)."),
         click.option(
-            "--io-write-bps", multiple=True, metavar="DEV=RATE", help="Write bytes/s for a disk (repeatable)."
+            "--cpu", metavar="N", help="CPU limit: N CPUs as a decimal (0.25 = a quarter of one CPU, 2 = two CPUs)."
         ),
-        click.option("--io-read-iops", multiple=True, metavar="DEV=N", help="Read operations/s for a disk."),
-        click.option("--io-write-iops", multiple=True, metavar="DEV=N", help="Write operations/s for a disk."),
-        click.option("--env", "-e", multiple=True, metavar="NAME=VALUE", help="Add to the job's environment."),
-        click.option("--env-file", multiple=True, metavar="FILE", help="NAME=VALUE lines to add (# comments)."),
+        click.option(
+            "--memory",
+            metavar="SIZE",
+            help="Memory limit (swap included) in bytes, with K/M/G/T suffixes in binary units (64M = 64 MiB).",
+        ),
+        click.option(
+            "--pids",
+            type=click.IntRange(1, MAX_PIDS),
+            metavar="N",
+            help="At most N processes and threads in the job.",
+        ),
+        click.option(
+            "--io-read-bps",
+            multiple=True,
+            metavar="DEV=RATE",
+            help="Read bytes/s on a disk (/dev/vda=1M or 254:0=1M; K/M/G suffixes). Repeatable.",
+        ),
+        click.option(
+            "--io-write-bps",
+            multiple=True,
+            metavar="DEV=RATE",
+            help="Write bytes/s on a disk (/dev/vda=1M or 254:0=1M; K/M/G suffixes). Repeatable.",
+        ),
+        click.option(
+            "--io-read-iops",
+            multiple=True,
+            metavar="DEV=N",
+            help="Read operations/s on a disk (/dev/vda=100). Repeatable.",
+        ),
+        click.option(
+            "--io-write-iops",
+            multiple=True,
+            metavar="DEV=N",
+            help="Write operations/s on a disk (/dev/vda=100). Repeatable.",
+        ),
+        click.option(
+            "--env",
+            "-e",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="Add NAME=VALUE to the job's environment. Repeatable.",
+        ),
+        click.option(
+            "--env-file",
+            multiple=True,
+            metavar="FILE",
+            help="Add the NAME=VALUE lines of FILE (# comments); --env wins. Repeatable.",
+        ),
         click.option("--workdir", metavar="DIR", help="Absolute working directory (default: a fresh one per job)."),
-        click.option("--timeout", metavar="DURATION", help="Stop the job when it runs longer (e.g. 90s, 5m, 2h)."),
+        click.option(
+            "--timeout",
+            type=DURATION,
+            metavar="DURATION",
+            help="Stop the job (reason timeout) when it runs longer: seconds or e.g. 90s, 1m30s, 2h.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -217,14 +296,59 @@ def _print_record(r: JobRecord, as_json: bool) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
-id_option = click.option(
-    "--id",
-    "job_id",
-    required=True,
-    metavar="ID",
-    help="Job id, or a unique prefix of it.",
-    shell_complete=_complete_ids,
+
+
+def _pick_id(positional: str | None, option: str | None) -> str:
+    """The job id from ID or --id (either, not two different ones); a prefix must be long enough to resolve."""
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"two job ids given: {positional!r} and --id {option!r}")
+    job_id = positional if positional is not None else option
+    if job_id is None:
+        raise click.UsageError("missing job id: give it as ID or --id ID")
+    if len(job_id) < MIN_PREFIX:
+        raise click.BadParameter(
+            f"{job_id!r} is too short: give the job id or a unique prefix of at least {MIN_PREFIX} characters",
+            param_hint="ID",
+        )
+    return job_id
+
+
+def job_id_params(f: F) -> F:
+    """ID as a positional argument (like docker) or --id ID; the command gets job_id."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, job_id_arg: str | None, job_id_opt: str | None, **kwargs: Any) -> Any:
+        return f(*args, job_id=_pick_id(job_id_arg, job_id_opt), **kwargs)
+
+    wrapper = click.option(
+        "--id",
+        "job_id_opt",
+        metavar="ID",
+        help=f"Job id, or a unique prefix of at least {MIN_PREFIX} characters (the same as ID).",
+        shell_complete=_complete_ids,
+    )(wrapper)
+    wrapper = click.argument("job_id_arg", required=False, metavar="ID", shell_complete=_complete_ids)(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+reconnect_option = click.option(
+    "--reconnect-for",
+    envvar="JOBCTL_RECONNECT_FOR",
+    show_envvar=True,
+    type=Duration(allow_zero=True),
+    default="60s",
+    show_default=True,
+    metavar="DURATION",
+    help="When the connection drops (a server restart), keep reconnecting this long without progress, then resume "
+    "at the next byte; 0 gives up at once.",
 )
+
+
+def _context_timeout(value: object, path: Path, name: str | None) -> float:
+    try:
+        return DURATION.convert(value, None, None)
+    except click.BadParameter as e:
+        raise Fail(f"{path}: context {name!r}: timeout: {e.message}") from None
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -235,44 +359,56 @@ id_option = click.option(
     "--context",
     "context_name",
     envvar="JOBCTL_CONTEXT",
+    show_envvar=True,
     metavar="NAME",
     shell_complete=_complete_contexts,
     help="A server from ~/.config/jobctl/config.toml (default: its current_context).",
 )
 @click.option(
-    "--target", envvar="JOBCTL_TARGET", default="127.0.0.1:50051", show_default=True, help="jobsvc address HOST:PORT."
+    "--target",
+    envvar="JOBCTL_TARGET",
+    show_envvar=True,
+    default="127.0.0.1:50051",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="jobsvc's address.",
 )
 @click.option(
     "--ca-cert",
     envvar="JOBCTL_CA_CERT",
+    show_envvar=True,
     type=click.Path(path_type=Path),
     default=PKI / "ca.pem",
     show_default=True,
-    help="CA certificate that signed the server's certificate.",
+    help="CA certificate (PEM) that signed the server's certificate.",
 )
 @click.option(
     "--client-cert",
     envvar="JOBCTL_CLIENT_CERT",
+    show_envvar=True,
     type=click.Path(path_type=Path),
     default=PKI / "alice.pem",
     show_default=True,
-    help="Your client certificate.",
+    help="Your client certificate (PEM).",
 )
 @click.option(
     "--client-key",
     envvar="JOBCTL_CLIENT_KEY",
+    show_envvar=True,
     type=click.Path(path_type=Path),
     default=PKI / "alice-key.pem",
     show_default=True,
-    help="Your client key.",
+    help="Your client certificate's private key (PEM, unencrypted).",
 )
 @click.option(
     "--timeout",
     envvar="JOBCTL_TIMEOUT",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    show_envvar=True,
+    type=DURATION,
+    default="10s",
     show_default=True,
-    help="Seconds to wait for a unary call.",
+    metavar="DURATION",
+    help="How long to wait for the answer to a call (not for a stream or a wait): seconds or e.g. 90s, 1m30s.",
 )
 @click.version_option(package_name="jobsvc")
 @click.pass_context
@@ -289,6 +425,7 @@ def cli(ctx: click.Context, /, context_name: str | None, **settings: Any) -> Non
       eval "$(_JOBCTL_COMPLETE=bash_source jobctl)"
     """
     ctx.ensure_object(dict)
+    source = "--target or JOBCTL_TARGET"
     if ctx.invoked_subcommand != "context":
         from .config import Config, ConfigError
 
@@ -302,7 +439,18 @@ def cli(ctx: click.Context, /, context_name: str | None, **settings: Any) -> Non
             if key in chosen and ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
                 value = chosen[key]
                 settings[key] = Path(value).expanduser() if key in PATH_SETTINGS else value
+                if key == "timeout":
+                    settings[key] = _context_timeout(value, config.path, name)
+                if key == "target":
+                    source = f"context {name!r} in {config.path}"
         ctx.obj["context"] = name
+    from .client import check_target
+
+    problem = check_target(settings["target"])
+    if problem and source.startswith("--"):
+        raise click.BadParameter(problem, param_hint="'--target' / 'JOBCTL_TARGET'")
+    if problem:
+        raise Fail(f"{source}: target: {problem}")
     ctx.obj.update(settings)
 
 
@@ -312,18 +460,18 @@ def cli(ctx: click.Context, /, context_name: str | None, **settings: Any) -> Non
 @click.argument("cmd", nargs=-1, required=True, metavar="-- CMD [ARG...]")
 @click.pass_context
 def start(ctx: click.Context, /, cmd: tuple[str, ...], as_json: bool, **opts: Any) -> None:
-    """Start CMD as a job; print its id."""
+    """Start CMD as a job; print its id (--json: its record)."""
     spec = _job_spec(opts)
     record = call(lambda: client(ctx).start(_argv(cmd), **spec))
     click.echo(record.to_json() if as_json else record.id)
 
 
 @cli.command()
-@id_option
+@job_id_params
 @json_option
 @click.pass_context
 def get(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Show a job's status, exit, limits and usage."""
+    """Show job ID's status, exit, limits and usage."""
     _print_record(call(lambda: client(ctx).get(job_id)), as_json)
 
 
@@ -331,7 +479,10 @@ def _signal_number(value: str | None) -> int | None:
     if value is None:
         return None
     if value.isdigit():
-        return int(value)
+        number = int(value)
+        if number not in {int(s) for s in signal.valid_signals()}:
+            raise _bad(f"{value} is not a signal number on this host (1-{int(signal.SIGRTMAX)})", "--signal")
+        return number
     name = value.upper()
     name = name if name.startswith("SIG") else "SIG" + name
     try:
@@ -340,44 +491,60 @@ def _signal_number(value: str | None) -> int | None:
         raise _bad(f"unknown signal {value!r} (e.g. TERM, INT, HUP, KILL or a number)", "--signal") from None
 
 
+GRACE = Duration(allow_zero=True, maximum=3600)
+
+
 @cli.command()
-@id_option
-@click.option("--signal", "sig", metavar="SIG", help="First signal to send (default TERM); KILL follows after grace.")
-@click.option("--grace", type=click.FloatRange(0, 3600), help="Seconds from the first signal to SIGKILL (default 5).")
+@job_id_params
+@click.option(
+    "--signal", "sig", metavar="SIG", help="First signal: a name (TERM, INT, HUP...) or a number (default TERM)."
+)
+@click.option(
+    "--grace",
+    type=GRACE,
+    metavar="DURATION",
+    help="From the first signal to SIGKILL, at most 1h: seconds or e.g. 500ms, 30s, 1m (default: the server's, 5s).",
+)
 @json_option
 @click.pass_context
 def stop(ctx: click.Context, job_id: str, sig: str | None, grace: float | None, as_json: bool) -> None:
-    """Stop a job: a signal (TERM) to all its processes, SIGKILL after the grace period."""
+    """Stop job ID: a signal (TERM) to all its processes, SIGKILL after the grace period; print its record."""
     number = _signal_number(sig)
     _print_record(call(lambda: client(ctx).stop(job_id, grace, number)), as_json)
 
 
-@cli.command("list")
-@click.option("--status", type=click.Choice(["running", "stopped", "finished"]), help="Only jobs with this status.")
-@click.option("--since", metavar="DURATION", help="Only jobs started within this long (e.g. 10m, 2h, 7d).")
-@click.option("--all-contexts", is_flag=True, help="Your jobs on every server of your config, side by side.")
-@json_option
-@click.pass_context
-def list_(ctx: click.Context, status: str | None, since: str | None, all_contexts: bool, as_json: bool) -> None:
-    """List your jobs, oldest first."""
-    from jobsvc.limits import parse_duration
+STATUSES = ("running", "stopped", "finished")
 
+
+@cli.command("list")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(STATUSES),
+    help="Only jobs with this status. Repeatable: jobs with any of them.",
+)
+@click.option(
+    "--since", type=DURATION, metavar="DURATION", help="Only jobs started within this long (e.g. 90s, 10m, 2h, 7d)."
+)
+@click.option("--all-contexts", is_flag=True, help="Your jobs on every server of your config, side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of records, oldest first.")
+@click.pass_context
+def list_(
+    ctx: click.Context, statuses: tuple[str, ...], since: float | None, all_contexts: bool, as_json: bool
+) -> None:
+    """List your jobs, oldest first."""
     from . import render
 
-    seconds = None
-    if since is not None:
-        try:
-            seconds = parse_duration(since, "--since")
-        except InvalidArgumentError as e:
-            raise _bad(e.message, "--since") from None
+    wanted = tuple(dict.fromkeys(statuses))  # in the order given, once each
     if all_contexts:
-        _list_everywhere(ctx, status, seconds, as_json)
+        _list_everywhere(ctx, wanted, since, as_json)
         return
-    records = call(lambda: client(ctx).list(status, seconds))
+    records = call(lambda: client(ctx).list(wanted, since))
     click.echo(render.records_json(records) if as_json else render.table(records))
 
 
-def _list_everywhere(ctx: click.Context, status: str | None, since: float | None, as_json: bool) -> None:
+def _list_everywhere(ctx: click.Context, statuses: tuple[str, ...], since: float | None, as_json: bool) -> None:
     """List on every configured server at once; an unreachable one is reported, not fatal."""
     import concurrent.futures
     import json
@@ -400,8 +567,9 @@ def _list_everywhere(ctx: click.Context, status: str | None, since: float | None
             k: Path(c.get(k, PKI / f"{d}.pem")).expanduser()
             for k, d in (("ca_cert", "ca"), ("client_cert", "alice"), ("client_key", "alice-key"))
         }
-        with JobClient(c.get("target", "127.0.0.1:50051"), timeout=c.get("timeout", timeout), **paths) as jc:
-            return jc.list(status, since)
+        wait = _context_timeout(c["timeout"], config.path, name) if "timeout" in c else timeout
+        with JobClient(c.get("target", "127.0.0.1:50051"), timeout=wait, **paths) as jc:
+            return jc.list(statuses, since)
 
     rows: list[tuple[str, JobRecord]] = []
     names = sorted(config.contexts)
@@ -430,50 +598,44 @@ def _stream(
     follow: bool = True,
     only: int | None = None,
     tail: int | None = None,
+    reconnect_for: float = 60.0,
+    reached: bool = False,
 ) -> None:
-    """Write the job's output; after a dropped connection resume at the next byte (bounded retries, each said)."""
-    from .client import ConnectionLostError
+    """Write the job's output; across dropped connections and restarts resume at the next byte (cli/resume.py)."""
+    from .client import ClientError
+    from .resume import follow as follow_output
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    c = client(ctx)
+    chunks = follow_output(
+        lambda position, tail_lines: c.stream(job_id, position, follow, only, tail_lines),
+        from_offset,
+        tail,
+        reconnect_for=reconnect_for,
+        reached=reached,
+        notify=lambda line: click.echo(f"jobctl: {line}", err=True),
+    )
     position = from_offset
-    retries = 0
-    while True:
-        chunks = client(ctx).stream(job_id, position, follow, only, tail)
-        try:
-            for chunk in chunks:
-                if chunk.offset > position and only is None and tail is None:
-                    # the server's output retention dropped bytes before we could read them (with a filter,
-                    # the other stream's bytes make gaps too, so nothing can be said)
-                    gap = chunk.offset - position
-                    where = "first " if position == from_offset and retries == 0 else ""
-                    err.write(f"jobctl: {where}{gap} bytes dropped by the server's output retention\n".encode())
-                position = chunk.offset + len(chunk.data)
-                target = err if chunk.stream == 2 else out
-                target.write(chunk.data)
-                target.flush()
-            return
-        except ConnectionLostError as e:
-            retries += 1
-            if retries > STREAM_RETRIES:
-                raise Fail(f"{e} (gave up after {STREAM_RETRIES} retries)") from None
-            delay = min(0.5 * 2 ** (retries - 1), 8.0)
-            click.echo(
-                f"jobctl: connection lost ({e}); resuming at byte {position} in {delay:g}s "
-                f"(retry {retries}/{STREAM_RETRIES})",
-                err=True,
-            )
-            tail = None  # the tail was already written; go on from the next byte
-            time.sleep(delay)
-        except BrokenPipeError:
-            _quiet_exit(141)  # like a shell pipeline whose reader went away
-        except Exception as e:
-            from .client import ClientError
-
-            if isinstance(e, ClientError):
-                raise Fail(str(e)) from None
-            raise
-        finally:
-            chunks.close()
+    first = True
+    try:
+        for chunk in chunks:
+            if chunk.offset > position and only is None and (tail is None or not first):
+                # the server's output retention dropped bytes before we could read them (with a filter,
+                # the other stream's bytes make gaps too, so nothing can be said)
+                gap = chunk.offset - position
+                where = "first " if first else ""
+                err.write(f"jobctl: {where}{gap} bytes dropped by the server's output retention\n".encode())
+            first = False
+            position = chunk.offset + len(chunk.data)
+            target = err if chunk.stream == 2 else out
+            target.write(chunk.data)
+            target.flush()
+    except BrokenPipeError:
+        _quiet_exit(141)  # like a shell pipeline whose reader went away
+    except ClientError as e:
+        raise Fail(str(e)) from None
+    finally:
+        chunks.close()
 
 
 def _quiet_exit(code: int) -> NoReturn:
@@ -484,14 +646,20 @@ def _quiet_exit(code: int) -> NoReturn:
 
 
 @cli.command()
-@id_option
+@job_id_params
 @click.option(
-    "--from-offset", type=click.IntRange(min=0), default=0, show_default=True, help="Start at this byte of the output."
+    "--from-offset",
+    type=click.IntRange(0, MAX_INT64),
+    default=0,
+    show_default=True,
+    metavar="BYTES",
+    help="Start at this byte of the output (stdout and stderr counted together).",
 )
-@click.option("--tail", type=click.IntRange(min=0), metavar="N", help="Start at the last N lines.")
+@click.option("--tail", type=click.IntRange(0, MAX_INT64), metavar="N", help="Start at the last N lines.")
 @click.option("--no-follow", is_flag=True, help="Write what exists now and exit, even if the job runs on.")
 @click.option("--stdout", "only_stdout", is_flag=True, help="Only the job's stdout.")
 @click.option("--stderr", "only_stderr", is_flag=True, help="Only the job's stderr.")
+@reconnect_option
 @click.pass_context
 def stream(
     ctx: click.Context,
@@ -501,10 +669,12 @@ def stream(
     no_follow: bool,
     only_stdout: bool,
     only_stderr: bool,
+    reconnect_for: float,
 ) -> None:
-    """Write the job's stdout and stderr as they come, until it ends.
+    """Write job ID's stdout and stderr as they come, until it ends; exit 0 once all of it is written.
 
-    Ctrl-C stops watching (the job runs on). A dropped connection is resumed where it broke.
+    Ctrl-C stops watching (exit 130; the job runs on). A dropped connection, a server restart too, is resumed at
+    the next byte (see --reconnect-for); each step is said on stderr.
     """
     if only_stdout and only_stderr:
         raise click.UsageError("--stdout and --stderr exclude each other (give neither for both)")
@@ -512,34 +682,86 @@ def stream(
         raise click.UsageError("--tail and --from-offset exclude each other")
     only = 1 if only_stdout else 2 if only_stderr else None
     try:
-        _stream(ctx, job_id, from_offset, follow=not no_follow, only=only, tail=tail)
+        _stream(ctx, job_id, from_offset, follow=not no_follow, only=only, tail=tail, reconnect_for=reconnect_for)
     except KeyboardInterrupt:
         _quiet_exit(130)
 
 
 @cli.command()
-@id_option
+@job_id_params
+@click.option(
+    "--timeout",
+    "wait_for",
+    type=DURATION,
+    metavar="DURATION",
+    help=f"Give up after this long (seconds or e.g. 90s, 1m30s, 2h): say so and exit {WAIT_TIMED_OUT}; the job "
+    "runs on.",
+)
 @click.pass_context
-def wait(ctx: click.Context, job_id: str) -> None:
-    """Wait for a job to end; exit with its exit code (128 + signal when killed)."""
+def wait(ctx: click.Context, job_id: str, wait_for: float | None) -> None:
+    """Wait for job ID to end; exit with its exit code (128 + signal when killed).
+
+    With --timeout, exit 124 (like timeout(1)) and say so when the job is still running then.
+    """
+    from .client import WaitTimeoutError
+
     try:
-        record = call(lambda: client(ctx).wait(job_id))
+        record = client(ctx).wait(job_id, wait_for)
     except KeyboardInterrupt:
         _quiet_exit(130)
+    except WaitTimeoutError as e:
+        click.echo(f"jobctl: {e}", err=True)
+        ctx.exit(WAIT_TIMED_OUT)
+    except Exception as e:
+        from .client import ClientError
+
+        if isinstance(e, ClientError):
+            raise Fail(str(e)) from None
+        raise
     ctx.exit(record.wait_code)
 
 
-class _Detach(Exception):
-    pass
+def why_it_ended(r: JobRecord) -> str | None:
+    """One line for a job that did not end by itself with an exit code (None when it did)."""
+    from . import render
+
+    how = f"exit {r.exit_code}" if r.signal is None else render.signal_name(r.signal)
+    short = r.id[:8]
+    if r.oom_killed:
+        return f"job {short} was killed at its memory limit (out of memory, {how})"
+    if r.reason == "timeout":
+        limit = f" of {render.duration(r.timeout_seconds)}" if r.timeout_seconds is not None else ""
+        return f"job {short} was stopped at its timeout{limit} ({how})"
+    if r.status.value == "stopped":
+        reason = r.reason or "stopped"
+        return f"job {short} was stopped: {reason} ({how})"
+    if r.signal is not None:
+        return f"job {short} was killed by {how}"
+    return None
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
 @job_options
-@click.option("--grace", type=click.FloatRange(0, 3600), help="Grace period when Ctrl-C stops the job.")
+@click.option(
+    "--grace",
+    type=GRACE,
+    metavar="DURATION",
+    help="When Ctrl-C stops the job: from SIGTERM to SIGKILL, at most 1h (default: the server's, 5s).",
+)
+@reconnect_option
 @click.argument("cmd", nargs=-1, required=True, metavar="-- CMD [ARG...]")
 @click.pass_context
-def run(ctx: click.Context, /, cmd: tuple[str, ...], grace: float | None, **opts: Any) -> None:
-    """Start CMD, stream its output, exit with its exit code. Ctrl-C stops the job; twice detaches."""
+def run(ctx: click.Context, /, cmd: tuple[str, ...], grace: float | None, reconnect_for: float, **opts: Any) -> None:
+    """Start CMD, stream its output, exit with its exit code (128 + signal when killed).
+
+    \b
+    When the job did not end by itself, one line on stderr says why (out of memory,
+    timeout, stopped, server shutdown or restart).
+    Ctrl-C stops the job (SIGTERM, SIGKILL after the grace period); the output goes on
+    until it has ended. Ctrl-C again: no more output, only wait for the stop (at most the
+    grace period), then exit with the job's code. A third Ctrl-C leaves at once.
+    To leave a job running, use start and stream: Ctrl-C on stream only stops watching.
+    """
     spec = _job_spec(opts)
     c = client(ctx)
     record = call(lambda: c.start(_argv(cmd), **spec))
@@ -549,19 +771,37 @@ def run(ctx: click.Context, /, cmd: tuple[str, ...], grace: float | None, **opts
         nonlocal presses
         presses += 1
         if presses == 1:
-            click.echo(f"jobctl: stopping job {record.id} (Ctrl-C again to detach)", err=True)
+            click.echo(
+                f"jobctl: stopping job {record.id[:8]} (SIGTERM, SIGKILL after the grace period); "
+                "Ctrl-C again to stop waiting",
+                err=True,
+            )
             threading.Thread(target=_stop_quietly, args=(c, record.id, grace), daemon=True).start()
         else:
-            raise _Detach
+            raise _StopWaiting
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        _stream(ctx, record.id, 0)
+        _stream(ctx, record.id, 0, reconnect_for=reconnect_for, reached=True)
         final = call(lambda: c.wait(record.id))
-    except _Detach:
-        click.echo(f"jobctl: detached; job {record.id} goes on (jobctl stream --id {record.id})", err=True)
-        _quiet_exit(130)
+    except _StopWaiting:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third Ctrl-C ends jobctl at once
+        click.echo(
+            f"jobctl: no more output; waiting only for job {record.id[:8]} to be stopped "
+            "(SIGKILL after the grace period); Ctrl-C again to leave at once",
+            err=True,
+        )
+        # Stop is idempotent: this joins the stop under way (or makes sure there is one) and returns once the job
+        # has ended, so leaving never depends on whether the first Stop had reached the server.
+        final = call(lambda: c.stop(record.id, grace))
+    why = why_it_ended(final)
+    if why:
+        click.echo(f"jobctl: {why}", err=True)
     ctx.exit(final.wait_code)
+
+
+class _StopWaiting(Exception):
+    pass
 
 
 def _stop_quietly(c: Any, job_id: str, grace: float | None) -> None:
@@ -616,7 +856,21 @@ def context_use(name: str) -> None:
     click.echo(f"current context: {name}")
 
 
+def _output_failed(e: OSError) -> NoReturn:
+    """stdout could not take jobctl's output (a full disk, an I/O error): say so in one line, exit 1."""
+    try:
+        sys.stderr.write(f"error: cannot write to stdout: {e.strerror or e}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
+
+
 def main() -> None:
+    if sys.stdout is None:  # started with fd 1 closed (`jobctl ... >&-`): nowhere to write, so do nothing
+        if sys.stderr is not None:
+            sys.stderr.write("error: cannot write to stdout: it is closed\n")
+            sys.stderr.flush()
+        os._exit(1)
     try:
         cli(prog_name="jobctl")
         code: Any = 0
@@ -625,11 +879,20 @@ def main() -> None:
         if not isinstance(code, int) and code is not None:  # sys.exit("message"), as Python would print it
             print(code, file=sys.stderr)
             code = 1
+    except BrokenPipeError:
+        _quiet_exit(141)
+    except OSError as e:
+        if e.filename is not None:  # a file jobctl read (certificates and config are reported where they are read)
+            click.echo(f"error: {e.filename}: {e.strerror}", err=True)
+            os._exit(1)
+        _output_failed(e)
     # Leave without the interpreter's teardown (collecting and freeing every module of grpc and protobuf costs
     # more than the command itself); the client's channel is already closed and only the buffers remain.
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         _quiet_exit(141)
+    except OSError as e:
+        _output_failed(e)
     sys.stderr.flush()
     os._exit(code or 0)

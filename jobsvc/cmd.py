@@ -1,4 +1,4 @@
-"""The `jobsvc` console script: `jobsvc serve` and `jobsvc pki init`."""
+"""The `jobsvc` console script: `jobsvc serve` and `jobsvc pki init|add-user|revoke`."""
 
 from __future__ import annotations
 
@@ -294,6 +294,24 @@ def pki_init(directory: Path, users: tuple[str, ...]) -> None:
     try:
         written = dev_pki.init(directory, list(users))
     except (FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    for path in written:
+        click.echo(path)
+
+
+@pki.command("add-user")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def pki_add_user(directory: Path, names: tuple[str, ...]) -> None:
+    """Add client certificates NAME.pem and NAME-key.pem (mode 0600) to DIRECTORY, signed by its CA.
+
+    Refuses to overwrite an existing file; running servers accept the new users at once (same CA).
+    """
+    from jobsvc import pki as dev_pki
+
+    try:
+        written = dev_pki.add_users(directory, list(names))
+    except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for path in written:
         click.echo(path)

@@ -42,11 +42,15 @@ def parse_cpu(text: str) -> float:
     return value
 
 
-def parse_count(text: str, what: str) -> int:
+def parse_count(text: str, what: str, minimum: int = 1, maximum: int = _MAX_INT64) -> int:
+    """A whole number from minimum to maximum (by default a positive one that fits the API's integers)."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise InvalidArgumentError(f"{what}: cannot parse {text!r} (want a whole number)") from None
+    if not minimum <= value <= maximum:
+        raise InvalidArgumentError(f"{what}: {text} is out of range (want {minimum} to {maximum})")
+    return value
 
 
 def split_device_value(text: str, what: str) -> tuple[str, str]:
@@ -79,6 +83,14 @@ def resolve_device(text: str, sysfs: Path = Path("/sys/dev/block")) -> str:
     return majmin
 
 
+def host_memory_bytes() -> int:
+    """Physical memory of this host (a limit above it limits nothing and is refused like --cpu above the CPUs)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return _MAX_INT64
+
+
 @dataclass(frozen=True)
 class LimitPolicy:
     """What a server allows: defaults for unset limits and maxima a request may not exceed."""
@@ -86,6 +98,7 @@ class LimitPolicy:
     defaults: Limits = dataclasses.field(default_factory=Limits)
     maxima: Limits = dataclasses.field(default_factory=Limits)
     cpu_count: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    memory_total: int = dataclasses.field(default_factory=lambda: host_memory_bytes())
     min_memory_bytes: int = MIN_MEMORY_BYTES
     max_io_devices: int = MAX_IO_DEVICES
 
@@ -121,6 +134,10 @@ def validate(limits: Limits, policy: LimitPolicy) -> Limits:
             )
         if merged.memory_bytes > _MAX_INT64:
             raise InvalidArgumentError("memory is out of range")
+        if merged.memory_bytes > policy.memory_total:
+            raise InvalidArgumentError(
+                f"memory {_human(merged.memory_bytes)} is more than this host's {_human(policy.memory_total)}"
+            )
         if mx.memory_bytes is not None and merged.memory_bytes > mx.memory_bytes:
             raise InvalidArgumentError(
                 f"memory {merged.memory_bytes} bytes exceeds the server's maximum of {mx.memory_bytes} bytes"
@@ -148,6 +165,16 @@ def validate(limits: Limits, policy: LimitPolicy) -> Limits:
     return merged
 
 
+def _human(n: int) -> str:
+    """Bytes in the largest binary unit that keeps one decimal (for messages)."""
+    value, unit = float(n), "bytes"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
 def merge_io(entries: list[tuple[str, str, int]]) -> tuple[IoLimit, ...]:
     """[(device MAJ:MIN, field, value)] -> one IoLimit per device, in first-seen order."""
     by_dev: dict[str, dict[str, int]] = {}
@@ -170,16 +197,22 @@ def resolve_devices(limits: Limits) -> Limits:
     )
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION_RE = re.compile(rf"(?:{_NUMBER}|(?:{_NUMBER}\s*(?:ms|s|m|h|d)\s*)+)")
+_DURATION_PART = re.compile(rf"({_NUMBER})\s*(ms|s|m|h|d)")
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_DURATION = 10 * 365 * 86400.0
 
 
-def parse_duration(text: str, what: str = "duration") -> float:
-    """Seconds from '90', '90s', '1.5m', '2h', '7d', '250ms'; positive."""
-    m = _DURATION_RE.match(text)
-    if not m:
-        raise InvalidArgumentError(f"{what}: cannot parse {text!r} (want e.g. 90s, 5m, 2h, 7d)")
-    seconds = float(m.group(1)) * _DURATION_UNIT[m.group(2)]
-    if not 0 < seconds < 10 * 365 * 86400:
+def parse_duration(text: str, what: str = "duration", allow_zero: bool = False) -> float:
+    """Seconds from '90', '90s', '1.5m', '1m30s', '2h', '7d', '250ms'; positive (or zero when allowed)."""
+    s = text.strip()
+    if not _DURATION_RE.fullmatch(s):
+        raise InvalidArgumentError(f"{what}: cannot parse {text!r} (want seconds or e.g. 90s, 1m30s, 5m, 2h, 7d)")
+    if re.fullmatch(_NUMBER, s):
+        seconds = float(s)
+    else:
+        seconds = sum(float(n) * _DURATION_UNIT[unit] for n, unit in _DURATION_PART.findall(s))
+    if not (seconds >= 0 if allow_zero else seconds > 0) or seconds >= MAX_DURATION:
         raise InvalidArgumentError(f"{what}: {text!r} is out of range")
     return seconds

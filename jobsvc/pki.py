@@ -137,17 +137,22 @@ class PkiExistsError(FileExistsError):
     pass
 
 
-def init(directory: Path, users: list[str]) -> list[Path]:
-    """Write ca, server and per-user certificates and keys (keys mode 0600); never overwrite an existing file."""
+def _check_users(directory: Path, users: list[str], names: list[str]) -> None:
+    """Refuse bad user names, a name twice, and any file that exists already (nothing is ever overwritten)."""
     for user in users:
-        if not user or "/" in user or user.startswith(".") or user in ("ca", "server"):
+        if not user or "/" in user or user.startswith(".") or user in ("ca", "server", "crl") or not user.isprintable():
             raise ValueError(f"bad user name {user!r}")
-    names = ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"]
-    for user in users:
-        names += [f"{user}.pem", f"{user}-key.pem"]
+        if users.count(user) > 1:
+            raise ValueError(f"user {user!r} given twice")
+    names = names + [n for user in users for n in (f"{user}.pem", f"{user}-key.pem")]
     existing = [n for n in names if (directory / n).exists()]
     if existing:
         raise PkiExistsError(f"refusing to overwrite {', '.join(str(directory / n) for n in existing)}")
+
+
+def init(directory: Path, users: list[str]) -> list[Path]:
+    """Write ca, server and per-user certificates and keys (keys mode 0600); never overwrite an existing file."""
+    _check_users(directory, users, ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"])
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca = make_ca()
     server = issue(ca, "localhost", server=True, client=False, dns=("localhost",), ips=("127.0.0.1", "::1"))
@@ -156,6 +161,22 @@ def init(directory: Path, users: list[str]) -> list[Path]:
         _write(directory / f"{stem}.pem", issued.cert_pem, 0o644)
         _write(directory / f"{stem}-key.pem", issued.key_pem, 0o600)
         written += [directory / f"{stem}.pem", directory / f"{stem}-key.pem"]
+    return written
+
+
+def add_users(directory: Path, users: list[str]) -> list[Path]:
+    """Client certificates for more users, signed by DIR's existing CA; never overwrite an existing file."""
+    for stem in ("ca.pem", "ca-key.pem"):
+        if not (directory / stem).is_file():
+            raise FileNotFoundError(f"{directory / stem}: no such file (make the PKI with `jobsvc pki init` first)")
+    _check_users(directory, users, [])
+    ca = load(directory, "ca")
+    written = []
+    for user in users:
+        issued = issue(ca, user)
+        _write(directory / f"{user}.pem", issued.cert_pem, 0o644)
+        _write(directory / f"{user}-key.pem", issued.key_pem, 0o600)
+        written += [directory / f"{user}.pem", directory / f"{user}-key.pem"]
     return written
 
 

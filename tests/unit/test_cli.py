@@ -57,12 +57,12 @@ class FakeClient:
         self._record("stop", job_id, grace) if sig is None else self._record("stop", job_id, grace, sig)
         return record(id=job_id, status=JobStatus.STOPPED, signal=15, ended_at=NOW, reason="stopped by owner")
 
-    def wait(self, job_id: str) -> JobRecord:
-        self._record("wait", job_id)
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        self._record("wait", job_id) if timeout is None else self._record("wait", job_id, timeout)
         return record(id=job_id, status=JobStatus.FINISHED, exit_code=None, signal=9, ended_at=NOW)
 
-    def list(self, status: Any = None, since: Any = None) -> list[JobRecord]:
-        self._record("list") if status is None and since is None else self._record("list", status, since)
+    def list(self, status: Any = (), since: Any = None) -> list[JobRecord]:
+        self._record("list") if not status and since is None else self._record("list", status, since)
         return [
             record(),
             record(
@@ -148,10 +148,10 @@ def test_usage_errors_exit_2(fake: FakeClient, args: list[str]) -> None:
 
 
 def test_failed_operation_is_one_line_exit_1(fake: FakeClient) -> None:
-    fake.fail = ClientError("no such job: abc")
-    result = CliRunner().invoke(cli, ["get", "--id", "abc"], obj={"client_factory": lambda: fake})
+    fake.fail = ClientError("no such job: abcd")
+    result = CliRunner().invoke(cli, ["get", "--id", "abcd"], obj={"client_factory": lambda: fake})
     assert result.exit_code == 1
-    assert result.output == "error: no such job: abc\n"
+    assert result.output == "error: no such job: abcd\n"
 
 
 def test_get_json_is_the_engines_json(fake: FakeClient) -> None:
@@ -261,6 +261,186 @@ def test_stop_signal_list_filters_stream_options(fake: FakeClient) -> None:
     assert fake.calls == [
         ("stop", ("abcd", None, 2)),
         ("stop", ("abcd", None, 9)),
-        ("list", ("running", 600.0)),
+        ("list", (("running",), 600.0)),
         ("stream", ("abcd", 0, False, 2, 3)),
     ]
+
+
+# -- issue 17: edges -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["start", "--pids", "-5", "--", "true"], "--pids"),
+        (["start", "--pids", "99999999999999999999", "--", "true"], "--pids"),
+        (["start", "--io-read-iops", "/dev/vda=-3", "--", "true"], "--io-read-iops"),
+        (["start", "--io-write-iops", "/dev/vda=99999999999999999999", "--", "true"], "--io-write-iops"),
+        (["stream", "abcd", "--from-offset", "99999999999999999999"], "--from-offset"),
+        (["stream", "abcd", "--tail", "99999999999999999999"], "--tail"),
+        (["stop", "abcd", "--signal", "99999999999"], "--signal"),
+        (["stop", "abcd", "--grace", "nan"], "--grace"),
+        (["stop", "abcd", "--grace", "2h"], "--grace"),
+        (["--timeout", "1e400", "list"], "--timeout"),
+        (["--target", "", "list"], "--target"),
+        (["--target", "localhost", "list"], "--target"),
+        (["--target", "127.0.0.1:99999", "list"], "--target"),
+        (["start", "-e", "A B=1", "--", "true"], "--env"),
+        (["start", "-e", "=x", "--", "true"], "--env"),
+        (["start", "-e", "C", "--", "true"], "--env"),
+        (["get", "ab"], "ID"),
+        (["get", "abcd", "--id", "efgh"], "two job ids"),
+        (["get"], "missing job id"),
+        (["wait", "abcd", "--timeout", "soon"], "--timeout"),
+    ],
+)
+def test_mistakes_are_usage_errors_without_traceback(fake: FakeClient, args: list[str], named: str) -> None:
+    result = invoke(fake, *args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # not a ValueError from protobuf or a TypeError
+    assert result.output.startswith("Usage: ") and "Error: " in result.output
+    assert named in result.output.splitlines()[-1]
+    assert fake.calls == []
+
+
+def test_env_file_export_line_is_refused(fake: FakeClient, tmp_path: Any) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("export C=1\n")
+    result = invoke(fake, "start", "--env-file", str(env_file), "--", "true")
+    assert result.exit_code == 2 and "drop the 'export'" in result.output and fake.calls == []
+
+
+def test_ids_as_argument_or_option(fake: FakeClient) -> None:
+    for command in ("get", "stop", "stream", "wait"):
+        assert invoke(fake, command, "16c928c8").exit_code in (0, 137), command
+        assert invoke(fake, command, "--id", "16c928c8").exit_code in (0, 137), command
+    assert invoke(fake, "get", "16c928c8", "--id", "16c928c8").exit_code == 0
+    assert [c for c, _ in fake.calls] == ["get", "get", "stop", "stop", "stream", "stream", "wait", "wait", "get"]
+    assert {args[0] for _, args in fake.calls} == {"16c928c8"}
+
+
+def test_list_status_is_repeatable(fake: FakeClient) -> None:
+    assert invoke(fake, "list", "--status", "running", "--status", "stopped", "--status", "running").exit_code == 0
+    assert fake.calls == [("list", (("running", "stopped"), None))]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("1m30s", 90.0), ("2m", 120.0)])
+def test_every_duration_option_reads_durations_alike(fake: FakeClient, text: str, seconds: float) -> None:
+    assert invoke(fake, "start", "--timeout", text, "--", "true").exit_code == 0
+    assert fake.start_options["timeout"] == seconds
+    assert invoke(fake, "stop", "abcd", "--grace", text).exit_code == 0
+    assert fake.calls[-1] == ("stop", ("abcd", seconds))
+    assert invoke(fake, "wait", "abcd", "--timeout", text).exit_code == 137
+    assert fake.calls[-1] == ("wait", ("abcd", seconds))
+    assert invoke(fake, "list", "--since", text).exit_code == 0
+    assert fake.calls[-1] == ("list", ((), seconds))
+    obj: dict[str, Any] = {"client_factory": lambda: fake}
+    assert CliRunner().invoke(cli, ["--timeout", text, "list"], obj=obj).exit_code == 0
+    assert obj["timeout"] == seconds
+
+
+def test_wait_timeout_exits_124_and_says_so(fake: FakeClient) -> None:
+    from jobctl.client import WaitTimeoutError
+
+    def wait(job_id: str, timeout: float | None = None) -> JobRecord:
+        raise WaitTimeoutError(f"job {job_id} is still running after {timeout:g}s")
+
+    fake.wait = wait  # type: ignore[method-assign]
+    result = invoke(fake, "wait", "abcd", "--timeout", "2s")
+    assert result.exit_code == 124
+    assert result.stderr == "jobctl: job abcd is still running after 2s\n"
+
+
+@pytest.mark.parametrize(
+    ("final", "line"),
+    [
+        (
+            {"status": JobStatus.FINISHED, "signal": 9, "oom_killed": True, "reason": "oom"},
+            "jobctl: job 6f1c1f9e was killed at its memory limit (out of memory, SIGKILL)\n",
+        ),
+        (
+            {"status": JobStatus.STOPPED, "signal": 15, "reason": "timeout", "timeout_seconds": 2.0},
+            "jobctl: job 6f1c1f9e was stopped at its timeout of 2.0s (SIGTERM)\n",
+        ),
+        (
+            {"status": JobStatus.STOPPED, "signal": 15, "reason": "stopped by owner"},
+            "jobctl: job 6f1c1f9e was stopped: stopped by owner (SIGTERM)\n",
+        ),
+        (
+            {"status": JobStatus.STOPPED, "signal": 9, "reason": "server restarted"},
+            "jobctl: job 6f1c1f9e was stopped: server restarted (SIGKILL)\n",
+        ),
+        ({"status": JobStatus.FINISHED, "signal": 11}, "jobctl: job 6f1c1f9e was killed by SIGSEGV\n"),
+        ({"status": JobStatus.FINISHED, "exit_code": 3}, ""),
+    ],
+)
+def test_run_says_why_the_job_ended(fake: FakeClient, final: dict[str, Any], line: str) -> None:
+    fake.wait = lambda job_id, timeout=None: record(ended_at=NOW, **final)  # type: ignore[method-assign]
+    result = invoke(fake, "run", "--", "true")
+    assert result.stderr == "err" + line  # the job's own stderr, then jobctl's line
+
+
+def test_config_with_a_number_where_a_string_belongs(fake: FakeClient, tmp_path: Any) -> None:
+    (tmp_path / "jobctl").mkdir()
+    config = tmp_path / "jobctl" / "config.toml"
+    for body, named in [
+        ('current_context = "dev"\n[contexts.dev]\ntarget = 50051\n', "target must be a non-empty string, got 50051"),
+        ('current_context = "dev"\n[contexts.dev]\nca_cert = 1\n', "ca_cert must be a non-empty string, got 1"),
+        ('current_context = "dev"\n[contexts.dev]\ntimeout = "soon"\n', "timeout: cannot parse 'soon'"),
+        ('current_context = "dev"\n[contexts.dev]\ntarget = "nohost"\n', "target: want HOST:PORT"),
+        ("current_context = 3\n", "current_context must be a string"),
+    ]:
+        config.write_text(body)
+        result = CliRunner(env={"XDG_CONFIG_HOME": str(tmp_path)}).invoke(
+            cli, ["list"], obj={"client_factory": lambda: fake}
+        )
+        assert result.exit_code == 1, (body, result.output, result.exception)
+        assert result.output.count("\n") == 1 and str(config) in result.output and named in result.output
+    config.write_text('current_context = "dev"\n[contexts.dev]\ntimeout = 30\ntarget = "127.0.0.1:5"\n')
+    obj: dict[str, Any] = {"client_factory": lambda: fake}
+    assert CliRunner(env={"XDG_CONFIG_HOME": str(tmp_path)}).invoke(cli, ["list"], obj=obj).exit_code == 0
+    assert obj["timeout"] == 30.0 and obj["target"] == "127.0.0.1:5"
+
+
+def _commands() -> list[tuple[str, ...]]:
+    names: list[tuple[str, ...]] = [()]
+    for name, command in cli.commands.items():
+        names.append((name,))
+        names += [(name, sub) for sub in getattr(command, "commands", {})]
+    return names
+
+
+@pytest.mark.parametrize("path", _commands())
+def test_help_is_complete_and_consistent(path: tuple[str, ...]) -> None:
+    import click
+
+    command: Any = cli
+    for name in path:
+        command = command.commands[name]
+    ctx = click.Context(command, info_name="jobctl")
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.hidden or param.name == "help":
+            continue
+        assert param.help, f"{' '.join(path)} {param.opts[0]} has no help"
+        if param.multiple:
+            assert "Repeatable" in param.help, f"{param.opts[0]} is repeatable but its help does not say so"
+        if param.envvar:
+            assert param.show_envvar, f"{param.opts[0]} reads {param.envvar} but --help does not show it"
+        if param.metavar == "DURATION":
+            assert type(param.type).__name__ == "Duration", f"{param.opts[0]} does not read durations like the rest"
+    text = command.get_help(ctx)
+    if path == ("list",):
+        assert "JSON array" in text
+    if path == ():
+        assert "env var:" in text and "JOBCTL_TARGET" in text and "JOBCTL_TIMEOUT" in text
+    if path in (("get",), ("stop",), ("stream",), ("wait",)):
+        assert "ID" in text.splitlines()[0]
+
+
+def test_client_constants_match_the_engine() -> None:
+    from jobctl import main
+
+    from jobsvc import limits, manager
+
+    assert main.MIN_PREFIX == manager.MIN_PREFIX
+    assert main.MAX_PIDS == limits.MAX_PIDS

@@ -113,3 +113,39 @@ def test_resolve_device_maps_partitions_to_their_disk(tmp_path: Path) -> None:
         resolve_device(str(tmp_path / "devices" / "sda" / "dev"), sysfs)
     with pytest.raises(InvalidArgumentError, match="No such file"):
         resolve_device("/dev/does-not-exist", sysfs)
+
+
+def test_memory_above_the_hosts_is_refused() -> None:
+    policy = LimitPolicy(cpu_count=2, memory_total=8 << 30)
+    assert validate(Limits(memory_bytes=8 << 30), policy).memory_bytes == 8 << 30
+    with pytest.raises(InvalidArgumentError, match=r"memory 8\.0 GiB is more than this host's 8\.0 GiB") as e:
+        validate(Limits(memory_bytes=(8 << 30) + 1), policy)
+    assert "memory" in e.value.message
+    assert LimitPolicy().memory_total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("1m30s", 90), ("2m", 120), ("1.5m", 90), ("250ms", 0.25), ("1h 30m", 5400)],
+)
+def test_durations_read_alike(text: str, seconds: float) -> None:
+    from jobsvc.limits import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1m30", "m5", "-1", "0", "1e400", "nan", "1x"])
+def test_bad_durations(text: str) -> None:
+    from jobsvc.limits import parse_duration
+
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        parse_duration(text, "timeout")
+
+
+def test_counts_are_bounded() -> None:
+    from jobsvc.limits import parse_count
+
+    assert parse_count("3", "iops") == 3
+    for text in ("-3", "0", str(2**63)):
+        with pytest.raises(InvalidArgumentError, match=r"iops: .* out of range"):
+            parse_count(text, "iops")

@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from jobsvc import pki
 from jobsvc.cmd import main
 
 
@@ -57,3 +58,30 @@ def test_init_refuses_bad_user_names(tmp_path: Path, bad: str) -> None:
     result = CliRunner().invoke(main, ["pki", "init", str(tmp_path / "pki"), "--user", bad])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert not (tmp_path / "pki").exists()
+
+
+def test_add_user_uses_the_existing_ca_and_never_overwrites(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    assert CliRunner().invoke(main, ["pki", "init", str(d), "--user", "alice"]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    result = CliRunner().invoke(main, ["pki", "add-user", str(d), "carol", "dave"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(d / n) for n in ("carol.pem", "carol-key.pem", "dave.pem", "dave-key.pem")]
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name in before} == before  # CA and alice untouched
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    carol = pki.load(d, "carol")
+    assert carol.cert.issuer == ca.subject
+    carol.cert.verify_directly_issued_by(ca)  # signed by the existing CA, not a new one
+    assert carol.cert.subject.rfc4514_string() == "CN=carol"
+    assert isinstance(carol.key, ec.EllipticCurvePrivateKey)
+    assert stat.S_IMODE((d / "carol-key.pem").stat().st_mode) == 0o600
+
+    again = CliRunner().invoke(main, ["pki", "add-user", str(d), "carol"])
+    assert again.exit_code == 1 and "refusing to overwrite" in again.output and str(d / "carol.pem") in again.output
+    assert pki.load(d, "carol").cert == carol.cert
+    for bad in ("ca", "../x", ""):
+        assert CliRunner().invoke(main, ["pki", "add-user", str(d), bad]).exit_code == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = CliRunner().invoke(main, ["pki", "add-user", str(empty), "carol"])
+    assert missing.exit_code == 1 and "pki init" in missing.output and not (empty / "carol.pem").exists()
