@@ -620,11 +620,16 @@ def _stream(
     try:
         for chunk in chunks:
             if chunk.offset > position and only is None and (tail is None or not first):
-                # the server's output retention dropped bytes before we could read them (with a filter,
-                # the other stream's bytes make gaps too, so nothing can be said)
+                # bytes the server does not have (with a filter, the other stream's bytes make gaps too, so
+                # nothing can be said): the oldest ones its retention dropped, or ones its full disk lost
                 gap = chunk.offset - position
-                where = "first " if first else ""
-                err.write(f"jobctl: {where}{gap} bytes dropped by the server's output retention\n".encode())
+                if first:
+                    err.write(f"jobctl: first {gap} bytes dropped by the server's output retention\n".encode())
+                else:
+                    err.write(
+                        f"jobctl: {gap} bytes missing at byte {position} (lost while the server's disk was full, "
+                        "or dropped by its output retention before they were read)\n".encode()
+                    )
             first = False
             position = chunk.offset + len(chunk.data)
             target = err if chunk.stream == 2 else out

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -242,6 +243,35 @@ def test_a_full_disk_loses_output_but_never_blocks_jobs(small_fs: Path, keys: Pk
     time.sleep(3)  # the janitor saves whatever record the full disk refused
     saved = json.loads((server.state_dir / "jobs" / job.id / "record.json").read_text())
     assert saved["status"] == "finished" and saved["output_lost_bytes"] == record.output_lost_bytes
+
+
+def test_output_lost_on_a_full_disk_is_a_gap_jobctl_reports_where_it_is(
+    small_fs: Path, keys: Pki, cleanup: list[Server]
+) -> None:
+    server = start_server(small_fs, keys)
+    cleanup.append(server)
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(small_fs).free - (12 << 20)))
+    stub = server.stub()
+    # 30 MiB of zeros (most of it lost), then, once the test has freed the disk, a last line that is stored
+    script = b"head -c 30M /dev/zero; while [ ! -e go ]; do sleep 0.05; done; echo after-the-gap"
+    job = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", script]))
+    deadline = time.monotonic() + 60
+    while stub.Get(pb.GetRequest(id=job.id)).output_bytes < 30 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    filler.unlink()
+    (Path(job.workdir) / "go").touch()
+    record = stub.Wait(pb.GetRequest(id=job.id), timeout=60)
+    assert record.exit_code == 0 and record.output_lost_bytes > 0
+    proc = subprocess.run([BIN / "jobctl", "stream", job.id], env=server.env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.endswith(b"after-the-gap\n")
+    assert len(proc.stdout) == record.output_bytes - record.output_lost_bytes
+    # each gap is said, with where it is: together they are exactly what was lost
+    gap = re.compile(r"jobctl: (\d+) bytes missing at byte (\d+) \(lost while the server's disk was full")
+    said = gap.findall(proc.stderr.decode())
+    assert said and sum(int(n) for n, _ in said) == record.output_lost_bytes, proc.stderr
+    assert all(0 < int(at) < record.output_bytes for _, at in said)  # offsets in the job's whole output
 
 
 def test_a_corrupt_state_dir_is_reported_not_fatal(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
