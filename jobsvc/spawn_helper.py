@@ -63,13 +63,15 @@ def _sandbox(private: list[str], cwd: str) -> None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), "unshare")
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing mounted here reaches the host
-    try:  # the working directory, before a private dir may hide it
+    # Held open first: each of these may lie under /tmp or /var/tmp, which the first mount may hide.
+    sources = [os.open(d, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY) for d in private]
+    try:
         keep = os.open(cwd, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         keep = -1  # the chdir later fails and says why
     try:
-        _mount(private[0], "/tmp", None, _MS_BIND)
-        _mount(private[1], "/var/tmp", None, _MS_BIND)
+        for fd, target in zip(sources, ("/tmp", "/var/tmp"), strict=True):
+            _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND)
         for target, options in (("/dev/shm", "mode=1777"), ("/run/lock", "mode=1777,size=5m")):
             if os.path.isdir(target):
                 _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
@@ -80,8 +82,9 @@ def _sandbox(private: list[str], cwd: str) -> None:
             os.makedirs(cwd, mode=0o711, exist_ok=True)
             _mount(f"/proc/self/fd/{keep}", cwd, None, _MS_BIND)
     finally:
-        if keep >= 0:
-            os.close(keep)
+        for fd in [*sources, keep]:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _same(path: str, fd: int) -> bool:

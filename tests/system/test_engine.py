@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -322,3 +324,25 @@ async def test_records_are_written_off_the_event_loop_and_start_waits_for_its_ow
     monkeypatch.setattr(store, "save", real_save)
     for job_id in (other.id, started.id):
         await engine.stop("alice", job_id, grace=0)
+
+
+async def test_a_work_root_under_tmp_works_though_jobs_get_a_private_tmp(tmp_path: Path) -> None:
+    # The private /tmp and /var/tmp are directories of the work root; here it lies under /tmp itself, which the
+    # first of them covers in the job's namespace.
+    root = Path(tempfile.mkdtemp(prefix="jobsvc-test-", dir="/tmp"))
+    try:
+        manager = JobManager.open(EngineConfig(state_dir=tmp_path / "state", work_root=root))
+        await manager.reconcile()
+        try:
+            mine = f"mine-{os.getpid()}"
+            script = f"pwd; touch /tmp/{mine} /var/tmp/{mine} && echo made"
+            rec = await manager.start("alice", ["sh", "-c", script])
+            done = await manager.wait("alice", rec.id)
+            out = b"".join([c.data async for c in manager.stream("alice", rec.id)]).decode()
+            assert done.exit_code == 0, out
+            assert out.split() == [str(root / rec.id), "made"]
+            assert not (Path("/tmp") / mine).exists() and not (Path("/var/tmp") / mine).exists()
+        finally:
+            await manager.shutdown(grace=1.0)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
