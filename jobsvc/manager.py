@@ -144,12 +144,17 @@ class JobManager:
     @classmethod
     def open(cls, config: EngineConfig, driver: CgroupDriver | None = None) -> JobManager:
         """Set up the state dir, the work root, this instance's cgroups and the spawn helper."""
-        store = JobStore(config.state_dir, durable=config.durable)
-        WorkRoot(config.work_root).prepare()
-        if driver is None:
-            driver = detect(store.instance_id())
-        log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
-        spawner = Spawner.launch()  # after detect(): on v2 the server has moved into its leaf, and the helper follows
+        store = JobStore(config.state_dir, durable=config.durable)  # first: it locks the state dir
+        try:
+            WorkRoot(config.work_root).prepare()
+            if driver is None:
+                driver = detect(store.instance_id())
+            log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
+            # after detect(): on v2 the server has moved into its leaf, and the helper follows
+            spawner = Spawner.launch()
+        except BaseException:
+            store.close()
+            raise
         return cls(config, driver, spawner, store)
 
     async def reconcile(self) -> None:
@@ -559,9 +564,15 @@ class JobManager:
         self._writer.shutdown(wait=True)
         for record in list(self._unsaved.values()):
             self._save(record)
-        self._spawner.close()
         with contextlib.suppress(OSError):
             self._driver.remove_instance()
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the spawn helper and the state dir, touching no job or group (also for an engine that never
+        reconciled: a server that could not bind leaves everything as it found it)."""
+        self._spawner.close()
+        self._store.close()
 
 
 def _spawn_error(name: bytes, e: SpawnError, workdir: str | None) -> Exception:

@@ -85,15 +85,17 @@ async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
     raise_fd_limit()
     trust = TrustPolicy(config.trust)  # unreadable certificates fail here, before anything starts
-    manager = JobManager.open(config.engine)
-    await manager.reconcile()
+    manager = JobManager.open(config.engine)  # takes the state dir's lock, or refuses at once
     audit = AuditLog(config.engine.state_dir / "audit.log")
+    # Bind before taking over the state dir: a server that cannot listen must leave the jobs of a crashed
+    # predecessor, and their groups, exactly as they are for the next server that can.
     try:
         server, port = await build_server(config, manager, audit, trust)
     except BaseException:
-        await manager.shutdown(grace=0)
+        manager.close()
         audit.close()
         raise
+    await manager.reconcile()
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (state in %s)", host, port, config.engine.state_dir)

@@ -311,3 +311,77 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_zero(tmp_path: Path, keys: 
     record = json.loads((server.state_dir / "jobs" / job.id / "record.json").read_text())
     assert record["status"] == "stopped" and record["reason"] == "server shutting down"
     os.sync()
+
+
+# -- one server per state dir --------------------------------------------------------------------------------------
+
+
+def _status_on_disk(server: Server, job_id: str) -> str:
+    return str(json.loads((server.state_dir / "jobs" / job_id / "record.json").read_text())["status"])
+
+
+def test_a_second_server_on_a_state_dir_in_use_is_refused_and_changes_nothing(
+    tmp_path: Path, keys: Pki, cleanup: list[Server]
+) -> None:
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    stub = first.stub()
+    job = stub.Start(pb.StartRequest(argv=[b"sleep", b"1000"]))
+    procs = processes_in_cgroup_named(job.id)
+    assert procs
+    second = subprocess.Popen(
+        serve_command(keys, "127.0.0.1:0", first.state_dir, tmp_path / "work-2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = second.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        out, err = second.communicate()
+        pytest.fail(
+            f"a second server started on a state dir in use ({out.strip()!r}); first job: {procs} -> "
+            f"{processes_in_cgroup_named(job.id)}"
+        )
+    assert second.returncode == 1
+    assert err.splitlines() == [f"jobsvc: state dir {first.state_dir} is in use by jobsvc pid {first.pid}"]
+    assert out == ""
+    # the first server's job, its group and its record are untouched, and the first server goes on working
+    assert processes_in_cgroup_named(job.id) == procs
+    assert stub.Get(pb.GetRequest(id=job.id)).status == pb.JOB_STATUS_RUNNING
+    assert _status_on_disk(first, job.id) == "running"
+    echo = stub.Start(pb.StartRequest(argv=[b"echo", b"still mine"]))
+    assert stream_all(first, echo.id)[0] == b"still mine\n"
+    stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0))
+    assert first.stop() == 0
+
+
+def test_a_server_that_cannot_bind_changes_nothing(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    import socket
+
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    job = first.stub().Start(pb.StartRequest(argv=[b"sleep", b"1000"]))
+    kill9(first)  # its job lives on until a server takes the state dir over
+    orphans = processes_in_cgroup_named(job.id)
+    assert orphans
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            serve_command(keys, f"127.0.0.1:{port}", first.state_dir, tmp_path / "work-2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert "cannot listen" in proc.stderr and "Traceback" not in proc.stderr
+    assert processes_in_cgroup_named(job.id) == orphans  # nothing was reconciled before the bind failed
+    assert _status_on_disk(first, job.id) == "running"
+    second = restart(first)  # a server that can bind takes over as after any crash
+    cleanup.append(second)
+    record = second.stub().Get(pb.GetRequest(id=job.id))
+    assert record.status == pb.JOB_STATUS_STOPPED and record.reason == "server restarted"
+    assert processes_in_cgroup_named(job.id) == []
