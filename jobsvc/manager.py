@@ -25,6 +25,7 @@ from jobsvc.job import Clock, Job, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
+from jobsvc.quota import Quota
 from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
@@ -128,9 +129,8 @@ class JobManager:
         self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
         self._work = WorkRoot(config.work_root)
         self._users: dict[str, JobUser] = {}
-        self._running: dict[str, int] = {}
-        self._streams: dict[str, int] = {}  # open streams per user (the quota)
-        self._open_streams = 0  # all users (the message size)
+        self._running = Quota("running jobs", config.max_running_per_user, config.max_running_total)
+        self._streams = Quota("concurrent streams", config.max_streams_per_user)  # .total sizes the messages
         self._trim_due = False  # the last open stream ended: give its buffers back (janitor)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -270,8 +270,32 @@ class JobManager:
             raise InvalidArgumentError(f"workdir must be an absolute path, got {workdir!r}")
         timeout = self._check_timeout(timeout)
         limits = validate(resolve_devices(limits or Limits()), self.config.policy)
-        self._check_job_quota(owner)
         self._check_disk()
+        # The slot is taken before the first await and given back on every way out but success (failures and the
+        # call's cancellation alike); a check here and a count after the spawn let hundreds of Starts through.
+        self._running.take(owner)
+        try:
+            job, user, record = await self._launch(owner, args, limits, extra_env, workdir, timeout)
+        except BaseException:
+            self._running.give_back(owner)
+            raise
+        self._add(job)
+        self._users[job.id] = user
+        task = asyncio.get_running_loop().create_task(self._on_end(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return record
+
+    async def _launch(
+        self,
+        owner: str,
+        args: tuple[bytes, ...],
+        limits: Limits,
+        extra_env: dict[bytes, bytes],
+        workdir: str | None,
+        timeout: float | None,
+    ) -> tuple[Job, JobUser, JobRecord]:
+        """Make the job's directory and groups, spawn it and write its record; on failure undo all of it."""
         job_id = str(uuid.uuid4())
         user = self._fixed_user or self._uids.acquire()
         try:
@@ -346,20 +370,14 @@ class JobManager:
                     "the server's state directory is full; no new jobs until space returns"
                 ) from None
             raise
-        self._add(job)
-        self._users[job_id] = user
-        self._running[owner] = self._running.get(owner, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._on_end(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return record
+        return job, user, record
 
     async def _on_end(self, job: Job) -> None:
         await job.wait()
         # The group is empty, so no process holds the uid any more; nothing it left may stay reachable by it.
         self._work.retire(job.id)
         self._release_user(self._users.pop(job.id))
-        self._running[job.owner] -= 1
+        self._running.give_back(job.owner)
         await asyncio.to_thread(self._work.remove_private, job.id)
 
     async def _write(self, record: JobRecord) -> None:
@@ -436,27 +454,26 @@ class JobManager:
         if tail_lines is not None and tail_lines < 0:
             raise InvalidArgumentError(f"tail must not be negative, got {tail_lines}")
         job = self._resolve(owner, job_id)
-        if self._streams.get(owner, 0) >= self.config.max_streams_per_user:
-            raise ResourceExhaustedError(
-                f"quota: at most {self.config.max_streams_per_user} concurrent streams per user"
-            )
         if tail_lines is not None:
             from_offset = job.output.tail_offset(tail_lines, only)
-        return self._counted_stream(owner, job.output.follow(from_offset, follow, only, self._chunk_size))
+        return self._counted_stream(owner, job.output, from_offset, follow, only)
 
     def _chunk_size(self) -> int:
-        return chunk_size_for(self._open_streams)
+        return chunk_size_for(self._streams.total)
 
-    async def _counted_stream(self, owner: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        self._streams[owner] = self._streams.get(owner, 0) + 1
-        self._open_streams += 1
+    async def _counted_stream(
+        self, owner: str, output: OutputLog, from_offset: int, follow: bool, only: int | None
+    ) -> AsyncIterator[Chunk]:
+        # The quota is taken here, as the first step of the stream and with no await before it, so that the check
+        # and the count are one step and the slot is only ever held inside the try that gives it back.
+        self._streams.take(owner)
+        chunks = output.follow(from_offset, follow, only, self._chunk_size)
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
-            self._streams[owner] -= 1
-            self._open_streams -= 1
-            self._trim_due = self._trim_due or self._open_streams == 0
+            self._streams.give_back(owner)  # before the await below: a second cancellation cannot skip it
+            self._trim_due = self._trim_due or self._streams.total == 0
             await chunks.aclose()  # type: ignore[attr-defined]
 
     # -- storage ----------------------------------------------------------------------------------------------------
@@ -476,7 +493,7 @@ class JobManager:
                 self.collect_garbage()
             except Exception:
                 log.exception("janitor failed")
-            if self._trim_due and self._open_streams == 0:
+            if self._trim_due and self._streams.total == 0:
                 self._trim_due = False
                 release_free_heap()
 
@@ -539,12 +556,6 @@ class JobManager:
         if cfg.max_timeout is not None and timeout > cfg.max_timeout:
             raise InvalidArgumentError(f"timeout {timeout:g} s exceeds the server's maximum of {cfg.max_timeout:g} s")
         return timeout
-
-    def _check_job_quota(self, owner: str) -> None:
-        if self._running.get(owner, 0) >= self.config.max_running_per_user:
-            raise ResourceExhaustedError(f"quota: at most {self.config.max_running_per_user} running jobs per user")
-        if sum(self._running.values()) >= self.config.max_running_total:
-            raise ResourceExhaustedError(f"quota: at most {self.config.max_running_total} running jobs on this server")
 
     def _release_user(self, user: JobUser) -> None:
         if user is not self._fixed_user:
