@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -151,3 +154,93 @@ async def test_the_stream_quota_holds_exactly_under_concurrent_streams(quota_ser
             await until_audited(srv, "Stream", streams)  # the server has ended every cancelled stream
         await stop_all(alice)
         await stop_all(bob)
+
+
+# A client that holds streams open and then vanishes without closing them (SIGSTOP: its kernel still holds the
+# TCP connection open, but nothing answers the server any more).
+HOLDER = """
+import sys, grpc
+from jobsvc._pb import jobs_pb2 as pb, jobs_pb2_grpc
+target, ca, cert, key, job_id, n = sys.argv[1:7]
+creds = grpc.ssl_channel_credentials(open(ca, "rb").read(), open(key, "rb").read(), open(cert, "rb").read())
+stub = jobs_pb2_grpc.JobServiceStub(grpc.secure_channel(target, creds))
+streams = [stub.Stream(pb.StreamRequest(id=job_id)) for _ in range(int(n))]
+for s in streams:
+    next(s)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_vanished_clients_streams_are_released_by_keepalive(tmp_path: Path, keys: Pki) -> None:
+    srv = start_server(
+        tmp_path, keys, "--max-streams-per-user", "4", "--keepalive-time", "1s", "--keepalive-timeout", "1s"
+    )
+    holder = None
+    try:
+        stub = srv.stub()
+        job = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo ready; exec sleep 1000"]))
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                HOLDER,
+                srv.target,
+                str(keys.ca),
+                str(keys.cert("alice")),
+                str(keys.key("alice")),
+                job.id,
+                "4",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+
+        def new_stream() -> grpc.StatusCode:
+            call = stub.Stream(pb.StreamRequest(id=job.id), timeout=10)
+            try:
+                next(call)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                return e.code()  # type: ignore[no-any-return]
+            finally:
+                call.cancel()
+
+        assert new_stream() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the quota is held by the live client
+        holder.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while (code := new_stream()) != grpc.StatusCode.OK:
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, code
+            assert time.monotonic() < deadline, "a stopped client still holds its streams"
+            time.sleep(0.2)
+        assert holder.poll() is None  # released by the server's keepalive, not by the client's end
+        stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0))
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        assert srv.stop() == 0, srv.log()
+        shutil.rmtree(srv.work_root, ignore_errors=True)
+
+
+def test_a_client_that_pings_too_often_is_sent_away(server: Server) -> None:
+    keys = server.pki
+    creds = grpc.ssl_channel_credentials(
+        keys.ca.read_bytes(), keys.key("alice").read_bytes(), keys.cert("alice").read_bytes()
+    )
+    pinger = [  # a ping every 200 ms while no data flows, far more often than the server permits
+        ("grpc.keepalive_time_ms", 200),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    stub = server.stub()
+    job = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo ready; exec sleep 1000"]))
+    with grpc.secure_channel(server.target, creds, options=pinger) as channel:
+        call = jobs_pb2_grpc.JobServiceStub(channel).Stream(pb.StreamRequest(id=job.id), timeout=60)
+        assert next(call).data == b"ready\n"
+        with pytest.raises(grpc.RpcError) as err:
+            next(call)  # the job prints nothing more: only the server closing the connection ends this
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "Too many pings" in err.value.details(), err.value
+    assert stub.Get(pb.GetRequest(id=job.id)).status == pb.JOB_STATUS_RUNNING  # other clients are not affected
+    stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0))
