@@ -135,6 +135,7 @@ class JobManager:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsaved: dict[str, JobRecord] = {}
+        self._unsaved_why: dict[str, str] = {}  # job id -> why the disk refused its record (for the shutdown's log)
         # Records are written (fsync'd) by one thread, in order: an fsync waits for the journal, which under a job
         # writing gigabytes took 100-300 ms here, and on the event loop every call and stream waited with it.
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-records")
@@ -403,6 +404,7 @@ class JobManager:
             self._not_saved(record, e)
         else:
             self._unsaved.pop(record.id, None)
+            self._unsaved_why.pop(record.id, None)
 
     async def _save_async(self, record: JobRecord) -> None:
         """_save from the writer thread (a job's final record)."""
@@ -412,11 +414,13 @@ class JobManager:
             self._not_saved(record, e)
         else:
             self._unsaved.pop(record.id, None)
+            self._unsaved_why.pop(record.id, None)
 
     def _not_saved(self, record: JobRecord, e: OSError) -> None:
         if record.id not in self._unsaved:
             log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
         self._unsaved[record.id] = record
+        self._unsaved_why[record.id] = e.strerror or type(e).__name__
 
     async def stop(self, owner: str, job_id: str, grace: float | None = None, sig: int | None = None) -> JobRecord:
         """Stop the whole job (sig, default SIGTERM; SIGKILL after grace); an ended job comes back unchanged."""
@@ -541,6 +545,7 @@ class JobManager:
         self._jobs.pop(job.id, None)
         self._by_owner.get(job.owner, {}).pop(job.id, None)
         self._unsaved.pop(job.id, None)
+        self._unsaved_why.pop(job.id, None)
         job.output.close()
         self._store.remove(job.id)
         self._work.remove(job.id)
@@ -561,8 +566,12 @@ class JobManager:
         if user is not self._fixed_user:
             self._uids.release(user)
 
-    async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> None:
-        """Stop every running job and the spawn helper; remove this instance's groups."""
+    async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> tuple[str, ...]:
+        """Stop every running job and the spawn helper; remove this instance's groups.
+
+        Returns the ids of jobs whose latest record could not be written (each one logged): after a restart they
+        show what their last written record said, so the caller must not report a clean exit.
+        """
         self._closed = True
         if self._janitor is not None:
             self._janitor.cancel()
@@ -573,17 +582,39 @@ class JobManager:
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._writer.shutdown(wait=True)
+        # The last chance to write what a full disk refused: the janitor retried it, this is its final round.
         for record in list(self._unsaved.values()):
-            self._save(record)
+            job = self._jobs.get(record.id)
+            self._save(job.record() if job is not None and job.ended else record)
+        for record in self._unsaved.values():
+            log.error(
+                "job %s: final record NOT written (%s): it %s; after a restart it shows as its last written record "
+                "says",
+                record.id,
+                self._unsaved_why.get(record.id, "unknown error"),
+                _outcome(record),
+            )
         with contextlib.suppress(OSError):
             self._driver.remove_instance()
         self.close()
+        return tuple(self._unsaved)
 
     def close(self) -> None:
         """Let go of the spawn helper and the state dir, touching no job or group (also for an engine that never
         reconciled: a server that could not bind leaves everything as it found it)."""
         self._spawner.close()
         self._store.close()
+
+
+def _outcome(record: JobRecord) -> str:
+    """'finished (exit 7)', 'stopped (server shutting down), signal 15': what the lost record would have said."""
+    text = record.status.value
+    if record.reason:
+        text += f" ({record.reason})"
+    if record.status.ended:
+        how = f"exit {record.exit_code}" if record.signal is None else f"signal {record.signal}"
+        text = f"{text}, {how}" if record.reason else f"{text} ({how})"
+    return text
 
 
 def _spawn_error(name: bytes, e: SpawnError, workdir: str | None) -> Exception:

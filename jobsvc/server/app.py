@@ -137,9 +137,13 @@ async def serve(config: ServerConfig) -> int:
     await stop.wait()
     log.info("shutting down: stopping running jobs (grace %.1f s)", config.engine.default_grace)
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
-    await manager.shutdown()
+    unsaved = await manager.shutdown()
     await server.stop(grace=1.0)
     audit.close()
+    if unsaved:
+        # Exiting 0 would tell a supervisor all was well while those jobs' outcomes are lost.
+        log.error("stopped, but %d job records could not be written (see above)", len(unsaved))
+        return 1
     log.info("stopped")
     return 0
 
