@@ -133,7 +133,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, trust)
+    loop.add_signal_handler(signal.SIGHUP, _reload, trust, audit)
     await stop.wait()
     log.info("shutting down: stopping running jobs (grace %.1f s)", config.engine.default_grace)
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
@@ -148,8 +148,17 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
-def _reload(trust: TrustPolicy) -> None:
-    """SIGHUP: read the certificates, CA, CRL and deny list again; established connections and streams go on."""
+def _reload(trust: TrustPolicy, audit: AuditLog) -> None:
+    """SIGHUP: reopen the audit log (logrotate's convention); read the certificates, CA, CRL and deny list again.
+
+    Established connections and streams go on. The server log is stderr, which is not ours to reopen.
+    """
+    try:
+        audit.reopen()
+    except OSError as e:
+        log.error("cannot reopen the audit log %s (%s); still writing to the old file", audit.path, e.strerror)
+    else:
+        log.info("reopened the audit log %s", audit.path)
     try:
         trust.reload()
     except CredentialsError as e:
