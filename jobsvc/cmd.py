@@ -191,6 +191,23 @@ def main() -> None:
     help="How long an ended job is kept (e.g. 12h, 7d).",
 )
 @click.option(
+    "--keepalive-time",
+    default="40s",
+    show_default=True,
+    type=DURATION,
+    help="Silence on a client connection after which the server pings the client (a number of seconds, or "
+    "e.g. 500ms, 40s, 2m).",
+)
+@click.option(
+    "--keepalive-timeout",
+    default="20s",
+    show_default=True,
+    type=DURATION,
+    help="How long the server waits for the answer to its ping (seconds, or e.g. 20s) before it closes the "
+    "connection and ends its calls: a vanished client's streams are released within keepalive-time + "
+    "keepalive-timeout.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -227,6 +244,8 @@ def serve(
     deny_env: tuple[str, ...],
     default_timeout: float | None,
     max_timeout: float | None,
+    keepalive_time: float,
+    keepalive_timeout: float,
     log_level: str,
 ) -> None:
     """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
@@ -270,7 +289,9 @@ def serve(
         deny_file=deny_file,
         deny_subjects=frozenset(deny_subjects),
     )
-    config = ServerConfig(engine=engine, trust=trust, listen=listen)
+    config = ServerConfig(
+        engine=engine, trust=trust, listen=listen, keepalive_time=keepalive_time, keepalive_timeout=keepalive_timeout
+    )
     try:
         code = run(config)
     except (CgroupSetupError, ListenError, CredentialsError, PermissionError, InvalidArgumentError, StateDirError) as e:

@@ -25,6 +25,7 @@ from jobsvc.job import Clock, Job, utc_now
 from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
+from jobsvc.quota import Quota
 from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
@@ -128,13 +129,13 @@ class JobManager:
         self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
         self._work = WorkRoot(config.work_root)
         self._users: dict[str, JobUser] = {}
-        self._running: dict[str, int] = {}
-        self._streams: dict[str, int] = {}  # open streams per user (the quota)
-        self._open_streams = 0  # all users (the message size)
+        self._running = Quota("running jobs", config.max_running_per_user, config.max_running_total)
+        self._streams = Quota("concurrent streams", config.max_streams_per_user)  # .total sizes the messages
         self._trim_due = False  # the last open stream ended: give its buffers back (janitor)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsaved: dict[str, JobRecord] = {}
+        self._unsaved_why: dict[str, str] = {}  # job id -> why the disk refused its record (for the shutdown's log)
         # Records are written (fsync'd) by one thread, in order: an fsync waits for the journal, which under a job
         # writing gigabytes took 100-300 ms here, and on the event loop every call and stream waited with it.
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-records")
@@ -144,12 +145,17 @@ class JobManager:
     @classmethod
     def open(cls, config: EngineConfig, driver: CgroupDriver | None = None) -> JobManager:
         """Set up the state dir, the work root, this instance's cgroups and the spawn helper."""
-        store = JobStore(config.state_dir, durable=config.durable)
-        WorkRoot(config.work_root).prepare()
-        if driver is None:
-            driver = detect(store.instance_id())
-        log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
-        spawner = Spawner.launch()  # after detect(): on v2 the server has moved into its leaf, and the helper follows
+        store = JobStore(config.state_dir, durable=config.durable)  # first: it locks the state dir
+        try:
+            WorkRoot(config.work_root).prepare()
+            if driver is None:
+                driver = detect(store.instance_id())
+            log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
+            # after detect(): on v2 the server has moved into its leaf, and the helper follows
+            spawner = Spawner.launch()
+        except BaseException:
+            store.close()
+            raise
         return cls(config, driver, spawner, store)
 
     async def reconcile(self) -> None:
@@ -265,8 +271,32 @@ class JobManager:
             raise InvalidArgumentError(f"workdir must be an absolute path, got {workdir!r}")
         timeout = self._check_timeout(timeout)
         limits = validate(resolve_devices(limits or Limits()), self.config.policy)
-        self._check_job_quota(owner)
         self._check_disk()
+        # The slot is taken before the first await and given back on every way out but success (failures and the
+        # call's cancellation alike); a check here and a count after the spawn let hundreds of Starts through.
+        self._running.take(owner)
+        try:
+            job, user, record = await self._launch(owner, args, limits, extra_env, workdir, timeout)
+        except BaseException:
+            self._running.give_back(owner)
+            raise
+        self._add(job)
+        self._users[job.id] = user
+        task = asyncio.get_running_loop().create_task(self._on_end(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return record
+
+    async def _launch(
+        self,
+        owner: str,
+        args: tuple[bytes, ...],
+        limits: Limits,
+        extra_env: dict[bytes, bytes],
+        workdir: str | None,
+        timeout: float | None,
+    ) -> tuple[Job, JobUser, JobRecord]:
+        """Make the job's directory and groups, spawn it and write its record; on failure undo all of it."""
         job_id = str(uuid.uuid4())
         user = self._fixed_user or self._uids.acquire()
         try:
@@ -341,20 +371,14 @@ class JobManager:
                     "the server's state directory is full; no new jobs until space returns"
                 ) from None
             raise
-        self._add(job)
-        self._users[job_id] = user
-        self._running[owner] = self._running.get(owner, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._on_end(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return record
+        return job, user, record
 
     async def _on_end(self, job: Job) -> None:
         await job.wait()
         # The group is empty, so no process holds the uid any more; nothing it left may stay reachable by it.
         self._work.retire(job.id)
         self._release_user(self._users.pop(job.id))
-        self._running[job.owner] -= 1
+        self._running.give_back(job.owner)
         await asyncio.to_thread(self._work.remove_private, job.id)
 
     async def _write(self, record: JobRecord) -> None:
@@ -380,6 +404,7 @@ class JobManager:
             self._not_saved(record, e)
         else:
             self._unsaved.pop(record.id, None)
+            self._unsaved_why.pop(record.id, None)
 
     async def _save_async(self, record: JobRecord) -> None:
         """_save from the writer thread (a job's final record)."""
@@ -389,11 +414,13 @@ class JobManager:
             self._not_saved(record, e)
         else:
             self._unsaved.pop(record.id, None)
+            self._unsaved_why.pop(record.id, None)
 
     def _not_saved(self, record: JobRecord, e: OSError) -> None:
         if record.id not in self._unsaved:
             log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
         self._unsaved[record.id] = record
+        self._unsaved_why[record.id] = e.strerror or type(e).__name__
 
     async def stop(self, owner: str, job_id: str, grace: float | None = None, sig: int | None = None) -> JobRecord:
         """Stop the whole job (sig, default SIGTERM; SIGKILL after grace); an ended job comes back unchanged."""
@@ -431,27 +458,26 @@ class JobManager:
         if tail_lines is not None and tail_lines < 0:
             raise InvalidArgumentError(f"tail must not be negative, got {tail_lines}")
         job = self._resolve(owner, job_id)
-        if self._streams.get(owner, 0) >= self.config.max_streams_per_user:
-            raise ResourceExhaustedError(
-                f"quota: at most {self.config.max_streams_per_user} concurrent streams per user"
-            )
         if tail_lines is not None:
             from_offset = job.output.tail_offset(tail_lines, only)
-        return self._counted_stream(owner, job.output.follow(from_offset, follow, only, self._chunk_size))
+        return self._counted_stream(owner, job.output, from_offset, follow, only)
 
     def _chunk_size(self) -> int:
-        return chunk_size_for(self._open_streams)
+        return chunk_size_for(self._streams.total)
 
-    async def _counted_stream(self, owner: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        self._streams[owner] = self._streams.get(owner, 0) + 1
-        self._open_streams += 1
+    async def _counted_stream(
+        self, owner: str, output: OutputLog, from_offset: int, follow: bool, only: int | None
+    ) -> AsyncIterator[Chunk]:
+        # The quota is taken here, as the first step of the stream and with no await before it, so that the check
+        # and the count are one step and the slot is only ever held inside the try that gives it back.
+        self._streams.take(owner)
+        chunks = output.follow(from_offset, follow, only, self._chunk_size)
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
-            self._streams[owner] -= 1
-            self._open_streams -= 1
-            self._trim_due = self._trim_due or self._open_streams == 0
+            self._streams.give_back(owner)  # before the await below: a second cancellation cannot skip it
+            self._trim_due = self._trim_due or self._streams.total == 0
             await chunks.aclose()  # type: ignore[attr-defined]
 
     # -- storage ----------------------------------------------------------------------------------------------------
@@ -471,7 +497,7 @@ class JobManager:
                 self.collect_garbage()
             except Exception:
                 log.exception("janitor failed")
-            if self._trim_due and self._open_streams == 0:
+            if self._trim_due and self._streams.total == 0:
                 self._trim_due = False
                 release_free_heap()
 
@@ -519,6 +545,7 @@ class JobManager:
         self._jobs.pop(job.id, None)
         self._by_owner.get(job.owner, {}).pop(job.id, None)
         self._unsaved.pop(job.id, None)
+        self._unsaved_why.pop(job.id, None)
         job.output.close()
         self._store.remove(job.id)
         self._work.remove(job.id)
@@ -535,18 +562,16 @@ class JobManager:
             raise InvalidArgumentError(f"timeout {timeout:g} s exceeds the server's maximum of {cfg.max_timeout:g} s")
         return timeout
 
-    def _check_job_quota(self, owner: str) -> None:
-        if self._running.get(owner, 0) >= self.config.max_running_per_user:
-            raise ResourceExhaustedError(f"quota: at most {self.config.max_running_per_user} running jobs per user")
-        if sum(self._running.values()) >= self.config.max_running_total:
-            raise ResourceExhaustedError(f"quota: at most {self.config.max_running_total} running jobs on this server")
-
     def _release_user(self, user: JobUser) -> None:
         if user is not self._fixed_user:
             self._uids.release(user)
 
-    async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> None:
-        """Stop every running job and the spawn helper; remove this instance's groups."""
+    async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> tuple[str, ...]:
+        """Stop every running job and the spawn helper; remove this instance's groups.
+
+        Returns the ids of jobs whose latest record could not be written (each one logged): after a restart they
+        show what their last written record said, so the caller must not report a clean exit.
+        """
         self._closed = True
         if self._janitor is not None:
             self._janitor.cancel()
@@ -557,11 +582,39 @@ class JobManager:
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._writer.shutdown(wait=True)
+        # The last chance to write what a full disk refused: the janitor retried it, this is its final round.
         for record in list(self._unsaved.values()):
-            self._save(record)
-        self._spawner.close()
+            job = self._jobs.get(record.id)
+            self._save(job.record() if job is not None and job.ended else record)
+        for record in self._unsaved.values():
+            log.error(
+                "job %s: final record NOT written (%s): it %s; after a restart it shows as its last written record "
+                "says",
+                record.id,
+                self._unsaved_why.get(record.id, "unknown error"),
+                _outcome(record),
+            )
         with contextlib.suppress(OSError):
             self._driver.remove_instance()
+        self.close()
+        return tuple(self._unsaved)
+
+    def close(self) -> None:
+        """Let go of the spawn helper and the state dir, touching no job or group (also for an engine that never
+        reconciled: a server that could not bind leaves everything as it found it)."""
+        self._spawner.close()
+        self._store.close()
+
+
+def _outcome(record: JobRecord) -> str:
+    """'finished (exit 7)', 'stopped (server shutting down), signal 15': what the lost record would have said."""
+    text = record.status.value
+    if record.reason:
+        text += f" ({record.reason})"
+    if record.status.ended:
+        how = f"exit {record.exit_code}" if record.signal is None else f"signal {record.signal}"
+        text = f"{text}, {how}" if record.reason else f"{text} ({how})"
+    return text
 
 
 def _spawn_error(name: bytes, e: SpawnError, workdir: str | None) -> Exception:

@@ -53,6 +53,8 @@ class Chunk:
 
 
 def _lost_spans(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    if not runs:  # no index record reached the disk (a full disk): nothing is recorded as lost
+        return []
     ends = [start for start, _ in runs[1:]] + [size]
     return [(start, end) for (start, fd), end in zip(runs, ends, strict=True) if fd == LOST]
 

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from jobsvc.lock import DirLock, LockHeldError
 from jobsvc.model import JobRecord, Limits, Usage, parse_time
 from jobsvc.states import JobStatus
 
@@ -72,14 +73,33 @@ def record_from_json(d: dict[str, Any]) -> JobRecord:
 
 
 class JobStore:
-    """The state dir: <dir>/instance, <dir>/jobs/<id>/{record.json, output/}."""
+    """The state dir: <dir>/lock, <dir>/instance, <dir>/jobs/<id>/{record.json, output/}.
+
+    One store owns a state dir at a time: the lock is taken before anything in it is read, and held until close().
+    """
 
     def __init__(self, state_dir: Path, durable: bool = True) -> None:
         self.root = state_dir
         self.durable = durable
         self.jobs_dir = state_dir / "jobs"
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock = DirLock.acquire(state_dir / "lock")
+        except LockHeldError as e:
+            holder = f"jobsvc pid {e.pid}" if e.pid is not None else "another jobsvc (pid unknown)"
+            raise StateDirError(f"state dir {state_dir} is in use by {holder}") from None
+        except OSError as e:
+            raise StateDirError(f"state dir {state_dir}: {e.strerror}") from None
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
+        state_dir = self.root
+        try:
+            self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
             version_file = state_dir / "format"
             if version_file.exists():
                 text = version_file.read_text().strip()
@@ -91,9 +111,13 @@ class JobStore:
                         f"{FORMAT_VERSION}); refusing to touch it"
                     )
             else:
-                _atomic_write(version_file, f"{FORMAT_VERSION}\n".encode(), durable)
+                _atomic_write(version_file, f"{FORMAT_VERSION}\n".encode(), self.durable)
         except OSError as e:
             raise StateDirError(f"state dir {state_dir}: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Give up the state dir (another server may take it)."""
+        self._lock.release()
 
     def instance_id(self) -> str:
         """This state dir's instance id (made once), naming its cgroup subtree."""

@@ -34,6 +34,34 @@ class ServerConfig:
     engine: EngineConfig
     trust: TrustFiles
     listen: str = "127.0.0.1:50051"
+    # A connection silent for keepalive_time gets a ping; unanswered after keepalive_timeout, it is closed and its
+    # calls end, so a vanished client's streams (and its stream quota) are let go of within the sum of the two.
+    keepalive_time: float = 40.0
+    keepalive_timeout: float = 20.0
+
+
+# Clients may ping too (to keep a NAT mapping open), but not more often than this while no data flows; a client
+# that does so MAX_PING_STRIKES times is sent GOAWAY, so pings cannot be used to keep the server busy.
+MIN_CLIENT_PING_INTERVAL = 10.0
+MAX_PING_STRIKES = 2
+
+
+def keepalive_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """grpc core's channel arguments for the server's keepalive policy."""
+    return [
+        ("grpc.keepalive_time_ms", round(config.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * 1000)),
+        # grpc core (1.85) times its pings out after ping_timeout (default 60 s) and does not apply
+        # keepalive_timeout to them on its own: without this a dead client was held for a minute past the timeout.
+        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout * 1000)),
+        # Idle connections are pinged too: a dead one holds a descriptor even when it holds no call.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Without this grpc stops pinging after 2 pings with no data sent, and a stream of a job that prints
+        # nothing would never find out that its client is gone.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(MIN_CLIENT_PING_INTERVAL * 1000)),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
 
 
 class ListenError(RuntimeError):
@@ -52,6 +80,7 @@ async def build_server(
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length", max_request),
             ("grpc.max_send_message_length", 4 << 20),
+            *keepalive_options(config),
         ],
     )
     add_to_server(JobServicer(manager), server)
@@ -85,15 +114,17 @@ async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
     raise_fd_limit()
     trust = TrustPolicy(config.trust)  # unreadable certificates fail here, before anything starts
-    manager = JobManager.open(config.engine)
-    await manager.reconcile()
+    manager = JobManager.open(config.engine)  # takes the state dir's lock, or refuses at once
     audit = AuditLog(config.engine.state_dir / "audit.log")
+    # Bind before taking over the state dir: a server that cannot listen must leave the jobs of a crashed
+    # predecessor, and their groups, exactly as they are for the next server that can.
     try:
         server, port = await build_server(config, manager, audit, trust)
     except BaseException:
-        await manager.shutdown(grace=0)
+        manager.close()
         audit.close()
         raise
+    await manager.reconcile()
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (state in %s)", host, port, config.engine.state_dir)
@@ -102,19 +133,32 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, trust)
+    loop.add_signal_handler(signal.SIGHUP, _reload, trust, audit)
     await stop.wait()
     log.info("shutting down: stopping running jobs (grace %.1f s)", config.engine.default_grace)
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
-    await manager.shutdown()
+    unsaved = await manager.shutdown()
     await server.stop(grace=1.0)
     audit.close()
+    if unsaved:
+        # Exiting 0 would tell a supervisor all was well while those jobs' outcomes are lost.
+        log.error("stopped, but %d job records could not be written (see above)", len(unsaved))
+        return 1
     log.info("stopped")
     return 0
 
 
-def _reload(trust: TrustPolicy) -> None:
-    """SIGHUP: read the certificates, CA, CRL and deny list again; established connections and streams go on."""
+def _reload(trust: TrustPolicy, audit: AuditLog) -> None:
+    """SIGHUP: reopen the audit log (logrotate's convention); read the certificates, CA, CRL and deny list again.
+
+    Established connections and streams go on. The server log is stderr, which is not ours to reopen.
+    """
+    try:
+        audit.reopen()
+    except OSError as e:
+        log.error("cannot reopen the audit log %s (%s); still writing to the old file", audit.path, e.strerror)
+    else:
+        log.info("reopened the audit log %s", audit.path)
     try:
         trust.reload()
     except CredentialsError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import json
@@ -205,8 +206,9 @@ class IdentityInterceptor(_JobServiceInterceptor):
         def streaming(behavior: Streaming) -> Streaming:
             async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 await establish(context)
-                async for item in behavior(request, context):
-                    yield item
+                async with _closing(behavior(request, context)) as items:
+                    async for item in items:
+                        yield item
 
             return call
 
@@ -276,9 +278,10 @@ class ErrorInterceptor(_JobServiceInterceptor):
                 try:
                     if isinstance(request, MalformedRequest):
                         raise InvalidArgumentError("malformed request")
-                    async for item in behavior(request, context):
-                        sent += len(item) if isinstance(item, bytes) else item.ByteSize()
-                        yield item
+                    async with _closing(behavior(request, context)) as items:
+                        async for item in items:
+                            sent += len(item) if isinstance(item, bytes) else item.ByteSize()
+                            yield item
                 except BaseException as e:
                     outcome, code, message = _map(e, context, method)
                     if code is not None:
@@ -290,6 +293,12 @@ class ErrorInterceptor(_JobServiceInterceptor):
             return call
 
         return unary, streaming
+
+
+def _closing(items: AsyncIterator[Any]) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Close the inner generator when this one ends, however it ends: left to the garbage collector, a cancelled
+    stream's inner generators (and the quota slot they hold) were let go of only some time after the call ended."""
+    return contextlib.aclosing(cast(Any, items))
 
 
 def _map(e: BaseException, context: aio.ServicerContext, method: str) -> tuple[str, grpc.StatusCode | None, str]:

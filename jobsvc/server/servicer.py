@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -60,9 +62,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
             only=only,
             tail_lines=request.tail_lines if request.HasField("tail_lines") else None,
         )
-        async for chunk in chunks:
-            stream = pb.OUTPUT_STREAM_STDERR if chunk.fd == STDERR else pb.OUTPUT_STREAM_STDOUT
-            yield encode_stream_response(chunk.data, stream, chunk.offset)
+        async with contextlib.aclosing(cast(Any, chunks)) as items:  # a cancelled call gives its slot back now
+            async for chunk in items:
+                stream = pb.OUTPUT_STREAM_STDERR if chunk.fd == STDERR else pb.OUTPUT_STREAM_STDOUT
+                yield encode_stream_response(chunk.data, stream, chunk.offset)
 
 
 PRE_ENCODED = frozenset({"Stream"})  # methods whose responses the servicer encodes itself

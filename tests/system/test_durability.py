@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -195,14 +196,13 @@ def test_output_cap_rotates_and_jobctl_says_what_was_dropped(tmp_path: Path, key
     assert sum(p.stat().st_size for p in segments) <= 1 << 20
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 48 MiB ext4 filesystem on a loop device, without root's reserved blocks."""
-    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
+@contextlib.contextmanager
+def loop_fs(image: Path, mount: Path) -> Iterator[Path]:
+    """A 48 MiB ext4 filesystem on a loop device, without root's reserved blocks, mounted at mount."""
     with open(image, "wb") as f:
         f.truncate(48 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-m", "0", "-F", str(image)], check=True)
-    mount.mkdir()
+    mount.mkdir(parents=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
     try:
         yield mount
@@ -211,6 +211,19 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
             if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with loop_fs(tmp_path / "fs.img", tmp_path / "mnt") as mount:
+        yield mount
+
+
+@pytest.fixture
+def small_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A server directory whose state dir (only) is a small filesystem: the server's log stays writable."""
+    with loop_fs(tmp_path / "fs.img", tmp_path / "server" / "state"):
+        yield tmp_path / "server"
 
 
 def test_a_full_disk_loses_output_but_never_blocks_jobs(small_fs: Path, keys: Pki, cleanup: list[Server]) -> None:
@@ -341,3 +354,126 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_zero(tmp_path: Path, keys: 
     record = json.loads((server.state_dir / "jobs" / job.id / "record.json").read_text())
     assert record["status"] == "stopped" and record["reason"] == "server shutting down"
     os.sync()
+
+
+# -- one server per state dir --------------------------------------------------------------------------------------
+
+
+def _status_on_disk(server: Server, job_id: str) -> str:
+    return str(json.loads((server.state_dir / "jobs" / job_id / "record.json").read_text())["status"])
+
+
+def test_a_second_server_on_a_state_dir_in_use_is_refused_and_changes_nothing(
+    tmp_path: Path, keys: Pki, cleanup: list[Server]
+) -> None:
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    stub = first.stub()
+    job = stub.Start(pb.StartRequest(argv=[b"sleep", b"1000"]))
+    procs = processes_in_cgroup_named(job.id)
+    assert procs
+    second = subprocess.Popen(
+        serve_command(keys, "127.0.0.1:0", first.state_dir, tmp_path / "work-2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = second.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        out, err = second.communicate()
+        pytest.fail(
+            f"a second server started on a state dir in use ({out.strip()!r}); first job: {procs} -> "
+            f"{processes_in_cgroup_named(job.id)}"
+        )
+    assert second.returncode == 1
+    assert err.splitlines() == [f"jobsvc: state dir {first.state_dir} is in use by jobsvc pid {first.pid}"]
+    assert out == ""
+    # the first server's job, its group and its record are untouched, and the first server goes on working
+    assert processes_in_cgroup_named(job.id) == procs
+    assert stub.Get(pb.GetRequest(id=job.id)).status == pb.JOB_STATUS_RUNNING
+    assert _status_on_disk(first, job.id) == "running"
+    echo = stub.Start(pb.StartRequest(argv=[b"echo", b"still mine"]))
+    assert stream_all(first, echo.id)[0] == b"still mine\n"
+    stub.Stop(pb.StopRequest(id=job.id, grace_seconds=0))
+    assert first.stop() == 0
+
+
+def test_a_server_that_cannot_bind_changes_nothing(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
+    import socket
+
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    job = first.stub().Start(pb.StartRequest(argv=[b"sleep", b"1000"]))
+    kill9(first)  # its job lives on until a server takes the state dir over
+    orphans = processes_in_cgroup_named(job.id)
+    assert orphans
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            serve_command(keys, f"127.0.0.1:{port}", first.state_dir, tmp_path / "work-2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert "cannot listen" in proc.stderr and "Traceback" not in proc.stderr
+    assert processes_in_cgroup_named(job.id) == orphans  # nothing was reconciled before the bind failed
+    assert _status_on_disk(first, job.id) == "running"
+    second = restart(first)  # a server that can bind takes over as after any crash
+    cleanup.append(second)
+    record = second.stub().Get(pb.GetRequest(id=job.id))
+    assert record.status == pb.JOB_STATUS_STOPPED and record.reason == "server restarted"
+    assert processes_in_cgroup_named(job.id) == []
+
+
+def _fill(path: Path) -> None:
+    """Write path until the filesystem refuses another byte."""
+    with open(path, "wb", buffering=0) as f:
+        block = b"\0" * (1 << 20)
+        while True:
+            try:
+                f.write(block)
+            except OSError:
+                break
+        while len(block) > 1:  # the last partial block too
+            block = block[: len(block) // 2]
+            try:
+                while f.write(block):
+                    pass
+            except OSError:
+                continue
+
+
+def test_records_a_full_disk_refused_at_shutdown_are_reported_and_fail_the_exit(
+    small_state_dir: Path, keys: Pki, cleanup: list[Server]
+) -> None:
+    server = start_server(small_state_dir, keys)
+    cleanup.append(server)
+    stub = server.stub()
+    sleeper = stub.Start(pb.StartRequest(argv=[b"sleep", b"1000"]))  # will be stopped by the shutdown
+    waiter = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"while [ ! -e go ]; do sleep 0.05; done; exit 7"]))
+    filler = server.state_dir / "filler"
+    _fill(filler)
+    (Path(waiter.workdir) / "go").touch()  # the working directory is not on the full disk
+    ended = stub.Wait(pb.GetRequest(id=waiter.id), timeout=60)
+    assert ended.status == pb.JOB_STATUS_FINISHED and ended.exit_code == 7
+    assert _status_on_disk(server, waiter.id) == "running"  # its final record did not fit
+    code = server.stop()
+    assert code != 0, "the server exited 0 with job records it could not write"
+    lines = server.log().splitlines()
+    for job_id, what in ((waiter.id, "finished (exit 7)"), (sleeper.id, "stopped (server shutting down)")):
+        said = [line for line in lines if f"job {job_id}: final record NOT written" in line]
+        assert len(said) == 1 and what in said[0], said
+    assert "Traceback" not in server.log()
+    # What the README says happens next: the restart shows each job as its last written record said.
+    filler.unlink()
+    again = restart(server)
+    cleanup.append(again)
+    for job_id in (waiter.id, sleeper.id):
+        record = again.stub().Get(pb.GetRequest(id=job_id))
+        assert record.status == pb.JOB_STATUS_STOPPED and record.reason == "server restarted"
+    assert again.stop() == 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -288,3 +289,38 @@ def test_every_call_is_in_the_audit_log(hardened: Server) -> None:
     assert any(e["method"] == "Wait" and e["job_id"] == job.id for e in lines)
     assert any(e["method"] == "Get" and e["job_id"] == "not-a-job" and e["outcome"] == "NOT_FOUND" for e in lines)
     assert oct(os.stat(hardened.state_dir / "audit.log").st_mode & 0o777) == oct(0o600)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_sighup_reopens_the_audit_log_after_rotation(tmp_path: Path, keys: Pki) -> None:
+    srv = start_server(tmp_path, keys)
+    try:
+        stub = srv.stub()
+        audit = srv.state_dir / "audit.log"
+        rotated = audit.with_name("audit.log.1")
+
+        def logged(path: Path, job_id: str) -> bool:
+            return path.exists() and any(json.loads(line)["job_id"] == job_id for line in path.read_text().splitlines())
+
+        with pytest.raises(grpc.RpcError):
+            stub.Get(pb.GetRequest(id="before-rotation"))
+        _wait_for(lambda: logged(audit, "before-rotation"), "the call before the rotation is not in the audit log")
+        audit.rename(rotated)  # what logrotate does, then it sends SIGHUP
+        srv.proc.send_signal(signal.SIGHUP)
+        _wait_for(audit.exists, "SIGHUP did not make a new audit log at the original path")
+        with pytest.raises(grpc.RpcError):
+            stub.Get(pb.GetRequest(id="after-rotation"))
+        _wait_for(lambda: logged(audit, "after-rotation"), "the call after SIGHUP is not in the new audit log")
+        assert not logged(rotated, "after-rotation") and logged(rotated, "before-rotation")
+        assert not logged(audit, "before-rotation")
+        assert oct(os.stat(audit).st_mode & 0o777) == oct(0o600)
+        assert stub.List(pb.ListRequest()) is not None  # the server goes on serving
+    finally:
+        assert srv.stop() == 0, srv.log()
+        shutil.rmtree(srv.work_root, ignore_errors=True)

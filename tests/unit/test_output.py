@@ -330,3 +330,11 @@ async def test_lost_output_is_a_gap_readers_see_where_it_is(tmp_path: Path) -> N
     again = OutputLog.recover(tmp_path / "out")
     assert (again.start, again.size) == (0, log.size)
     assert [(c.offset, c.data) for c in await collect(again)] == [(0, b"before\n"), (7 + (3 << 16), b"after\n")]
+
+
+def test_recover_a_log_whose_first_index_record_never_reached_the_disk(tmp_path: Path) -> None:
+    OutputLog(tmp_path / "out", segment_size=4096)
+    # what a full disk leaves: the segment file was made, its run's index record was refused
+    (tmp_path / "out" / f"{0:012d}.seg").touch()
+    again = OutputLog.recover(tmp_path / "out")
+    assert (again.start, again.size, again.closed) == (0, 0, True)
