@@ -39,6 +39,7 @@ class Output:
     stream: int  # 1 stdout, 2 stderr
     offset: int
     data: bytes
+    read_at_ms: int = 0  # when the server read data[0] (Unix ms, to 0.1 s); 0: not known
 
 
 def _read(path: Path, what: str, hint: str, marker: bytes) -> bytes:
@@ -211,6 +212,7 @@ class JobClient:
         follow: bool = True,
         only: int | None = None,
         tail: int | None = None,
+        since_ms: int | None = None,
     ) -> Iterator[Output]:
         """The job's output from from_offset until it has ended; close the iterator to stop watching."""
         req = self._pb.StreamRequest(
@@ -221,12 +223,14 @@ class JobClient:
         )
         if tail is not None:
             req.tail_lines = tail
+        if since_ms is not None:
+            req.since.FromMilliseconds(since_ms)
         call = self._stub.Stream(req)
         received = False
         try:
             for msg in call:
                 received = True
-                yield Output(stream=msg.stream, offset=msg.offset, data=msg.data)
+                yield Output(stream=msg.stream, offset=msg.offset, data=msg.data, read_at_ms=msg.read_at_ms)
         except self._grpc.RpcError as e:
             if e.code() == self._grpc.StatusCode.CANCELLED:
                 return

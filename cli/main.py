@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -98,6 +99,35 @@ class Duration(click.ParamType):
 
 
 DURATION = Duration()
+
+
+class Since(click.ParamType):
+    """A moment as a duration before now (10m, 1h30m, like `docker logs --since`) or an RFC 3339 time; Unix ms."""
+
+    name = "since"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        import datetime as dt
+
+        if isinstance(value, int):
+            return value
+        text = str(value)
+        try:
+            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            ago = DURATION.convert(text, param, ctx)
+            return int((time.time() - ago) * 1000)
+        if moment.tzinfo is None:
+            self.fail(f"{text!r} has no time zone (add Z for UTC, or an offset such as +01:00)", param, ctx)
+        return int(moment.timestamp() * 1000)
+
+
+def _stamp(ms: int) -> bytes:
+    """RFC 3339 in UTC to the millisecond, as `jobctl stream --timestamps` prefixes lines."""
+    if not ms:
+        return b"(time unknown)           "
+    t = time.gmtime(ms // 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', t)}.{ms % 1000:03d}Z ".encode()
 
 
 # -- shell completion --------------------------------------------------------------------------------------------
@@ -600,6 +630,8 @@ def _stream(
     tail: int | None = None,
     reconnect_for: float = 60.0,
     reached: bool = False,
+    since_ms: int | None = None,
+    timestamps: bool = False,
 ) -> None:
     """Write the job's output; across dropped connections and restarts resume at the next byte (cli/resume.py)."""
     from .client import ClientError
@@ -607,8 +639,10 @@ def _stream(
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
     c = client(ctx)
+    first = True
     chunks = follow_output(
-        lambda position, tail_lines: c.stream(job_id, position, follow, only, tail_lines),
+        # --since places the first byte only: once output came, a resumed stream goes on from the next byte
+        lambda position, tail_lines: c.stream(job_id, position, follow, only, tail_lines, since_ms if first else None),
         from_offset,
         tail,
         reconnect_for=reconnect_for,
@@ -616,10 +650,11 @@ def _stream(
         notify=lambda line: click.echo(f"jobctl: {line}", err=True),
     )
     position = from_offset
-    first = True
+    line_start = {1: True, 2: True}  # --timestamps: where each stream's next byte begins a line
     try:
         for chunk in chunks:
-            if chunk.offset > position and only is None and (tail is None or not first):
+            placed = tail is not None or since_ms is not None  # the first chunk starts where they put it
+            if chunk.offset > position and only is None and not (placed and first):
                 # bytes the server does not have (with a filter, the other stream's bytes make gaps too, so
                 # nothing can be said): the oldest ones its retention dropped, or ones its full disk lost
                 gap = chunk.offset - position
@@ -633,7 +668,10 @@ def _stream(
             first = False
             position = chunk.offset + len(chunk.data)
             target = err if chunk.stream == 2 else out
-            target.write(chunk.data)
+            if timestamps:
+                target.write(_stamped(chunk.data, chunk.read_at_ms, line_start, chunk.stream))
+            else:
+                target.write(chunk.data)
             target.flush()
     except BrokenPipeError:
         _quiet_exit(141)  # like a shell pipeline whose reader went away
@@ -641,6 +679,19 @@ def _stream(
         raise Fail(str(e)) from None
     finally:
         chunks.close()
+
+
+def _stamped(data: bytes, ms: int, line_start: dict[int, bool], stream: int) -> bytes:
+    """data with the time its run was read before each line that begins in it (`docker logs -t`)."""
+    stamp = _stamp(ms)
+    lines = data.splitlines(keepends=True)
+    parts = []
+    for line in lines:
+        if line_start[stream]:
+            parts.append(stamp)
+        parts.append(line)
+        line_start[stream] = line.endswith(b"\n")
+    return b"".join(parts)
 
 
 def _quiet_exit(code: int) -> NoReturn:
@@ -661,6 +712,20 @@ def _quiet_exit(code: int) -> NoReturn:
     help="Start at this byte of the output (stdout and stderr counted together).",
 )
 @click.option("--tail", type=click.IntRange(0, MAX_INT64), metavar="N", help="Start at the last N lines.")
+@click.option(
+    "--since",
+    "since_ms",
+    type=Since(),
+    metavar="WHEN",
+    help="Start at the first byte the server read at or after WHEN: a duration before now (10m, 1h30m) or an "
+    "RFC 3339 time (2026-12-01T10:00:00Z). With --tail, whichever starts later.",
+)
+@click.option(
+    "-t",
+    "--timestamps",
+    is_flag=True,
+    help="Begin each line with the time the server read it (UTC, RFC 3339, to 0.1 s), like docker logs -t.",
+)
 @click.option("--no-follow", is_flag=True, help="Write what exists now and exit, even if the job runs on.")
 @click.option("--stdout", "only_stdout", is_flag=True, help="Only the job's stdout.")
 @click.option("--stderr", "only_stderr", is_flag=True, help="Only the job's stderr.")
@@ -671,6 +736,8 @@ def stream(
     job_id: str,
     from_offset: int,
     tail: int | None,
+    since_ms: int | None,
+    timestamps: bool,
     no_follow: bool,
     only_stdout: bool,
     only_stderr: bool,
@@ -685,9 +752,21 @@ def stream(
         raise click.UsageError("--stdout and --stderr exclude each other (give neither for both)")
     if tail is not None and from_offset:
         raise click.UsageError("--tail and --from-offset exclude each other")
+    if since_ms is not None and from_offset:
+        raise click.UsageError("--since and --from-offset exclude each other")
     only = 1 if only_stdout else 2 if only_stderr else None
     try:
-        _stream(ctx, job_id, from_offset, follow=not no_follow, only=only, tail=tail, reconnect_for=reconnect_for)
+        _stream(
+            ctx,
+            job_id,
+            from_offset,
+            follow=not no_follow,
+            only=only,
+            tail=tail,
+            reconnect_for=reconnect_for,
+            since_ms=since_ms,
+            timestamps=timestamps,
+        )
     except KeyboardInterrupt:
         _quiet_exit(130)
 

@@ -447,11 +447,13 @@ class JobManager:
         follow: bool = True,
         only: int | None = None,
         tail_lines: int | None = None,
+        since_ms: int | None = None,
     ) -> AsyncIterator[Chunk]:
         """The job's output from from_offset, then live until it has ended and everything was delivered.
 
         follow=False ends at what exists now; only=STDOUT/STDERR filters on the server; tail_lines starts at the
-        last N lines instead of from_offset.
+        last N lines instead of from_offset; since_ms (Unix time in ms) at the first byte read at or after it
+        (with tail_lines: whichever starts later, as `docker logs --since --tail` does).
         """
         if from_offset < 0:
             raise InvalidArgumentError(f"from_offset must not be negative, got {from_offset}")
@@ -460,6 +462,8 @@ class JobManager:
         job = self._resolve(owner, job_id)
         if tail_lines is not None:
             from_offset = job.output.tail_offset(tail_lines, only)
+        if since_ms is not None:
+            from_offset = max(from_offset, job.output.offset_since(since_ms))
         return self._counted_stream(owner, job.output, from_offset, follow, only)
 
     def _chunk_size(self) -> int:

@@ -2,7 +2,8 @@
 
 Layout of a log directory:
   <segment number>.seg  raw output bytes; segment k holds global offsets [k * S, (k + 1) * S)
-  index                 16-byte records (offset of a run's first byte, fd), one per change of stream
+  index                 16-byte records (offset of a run's first byte, fd, when it was read: Unix ms in 7 bytes),
+                        one per change of stream and at least every RUN_SPAN_MS of output
   segment-size          the segment size S, so a restarted server can read the log back
 The bytes live in the page cache, not in the server: readers hold only an offset (memory does not grow with output),
 and the writer never waits for a reader. Retention can drop whole old segments without touching live ones.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ MAX_CHUNK = 1024 * 1024  # the largest Stream message (clients accept 4 MiB)
 MIN_CHUNK = 32 * 1024
 STREAM_BUFFER_BUDGET = 32 * 1024 * 1024  # chunks in flight across all streams, roughly (see chunk_size_for)
 SEGMENT_SIZE = 64 * 1024 * 1024
-_RUN = struct.Struct("<QB7x")
+_RUN = struct.Struct("<QB7s")  # a record of a log from before timestamps has zeros there: time not known
+RUN_SPAN_MS = 100  # a new run (and so a new timestamp) once the current one is this old: time to 0.1 s
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
@@ -50,13 +53,23 @@ class Chunk:
     offset: int  # global offset of data[0] in the job's output
     fd: int  # STDOUT or STDERR
     data: bytes
+    read_at_ms: int = 0  # when the server read data[0] from the job, Unix time in ms, to RUN_SPAN_MS (0: unknown)
 
 
-def _lost_spans(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+def _pack(start: int, fd: int, ms: int) -> bytes:
+    return _RUN.pack(start, fd, ms.to_bytes(7, "little"))
+
+
+def _unpack(buf: bytes, at: int = 0) -> tuple[int, int, int]:
+    start, fd, ms = _RUN.unpack_from(buf, at)
+    return start, fd, int.from_bytes(ms, "little")
+
+
+def _lost_spans(runs: list[tuple[int, int, int]], size: int) -> list[tuple[int, int]]:
     if not runs:  # no index record reached the disk (a full disk): nothing is recorded as lost
         return []
-    ends = [start for start, _ in runs[1:]] + [size]
-    return [(start, end) for (start, fd), end in zip(runs, ends, strict=True) if fd == LOST]
+    ends = [run[0] for run in runs[1:]] + [size]
+    return [(start, end) for (start, fd, _), end in zip(runs, ends, strict=True) if fd == LOST]
 
 
 def _covered(spans: list[tuple[int, int]], a: int, b: int) -> bool:
@@ -92,6 +105,7 @@ class OutputLog:
         self._runs = 0
         self._last_run_start = 0
         self._last_fd = 0
+        self._last_run_ms = 0
         self._wseg = -1
         self._wfd = -1
         self._read_fds: dict[int, int] = {}
@@ -128,7 +142,7 @@ class OutputLog:
             index = (directory / "index").read_bytes()
         except OSError:
             index = b""
-        runs = [_RUN.unpack_from(index, i) for i in range(0, len(index) - _RUN.size + 1, _RUN.size)]
+        runs = [_unpack(index, i) for i in range(0, len(index) - _RUN.size + 1, _RUN.size)]
         numbers = sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
         if numbers:
             log._size = numbers[-1] * seg_size + log._segment_path(numbers[-1]).stat().st_size
@@ -141,13 +155,16 @@ class OutputLog:
             while first not in numbers:  # the oldest kept segment is one that holds bytes
                 first += 1
             log._start = first * seg_size
-        runs = [(start, fd) for start, fd in runs if start <= log._size]
+        runs = [run for run in runs if run[0] <= log._size]
         if not runs and log._size:
-            runs = [(0, STDOUT)]
-            os.write(log._index(), _RUN.pack(0, STDOUT))
+            # bytes with no run record (a log written before runs were declared first): which stream they came
+            # from is unknown, so they count as lost rather than be shown under a guessed one
+            runs = [(0, LOST, 0)]
+            os.write(log._index(), _pack(0, LOST, 0))
+            log.lost_bytes = log._size - log._start
         log._runs = len(runs)
         if runs:
-            log._last_run_start, log._last_fd = runs[-1]
+            log._last_run_start, log._last_fd, log._last_run_ms = runs[-1]
         log._closed = True
         return log
 
@@ -181,12 +198,16 @@ class OutputLog:
         return self._index_fd
 
     def _declare(self, fd_tag: int) -> None:
-        """Start a run of fd_tag at the current end, on disk before any of its bytes (crash consistency)."""
-        if fd_tag != self._last_fd:
-            os.write(self._index(), _RUN.pack(self._size, fd_tag))
+        """Start a run of fd_tag at the current end, on disk before any of its bytes (crash consistency), when the
+        stream changes or the current run is RUN_SPAN_MS old (one timestamp per run keeps the cost at a record)."""
+        now = int(time.time() * 1000)
+        if fd_tag != self._last_fd or now - self._last_run_ms >= RUN_SPAN_MS:
+            ms = max(now, self._last_run_ms)  # never backwards (a clock step): runs stay ordered by time too
+            os.write(self._index(), _pack(self._size, fd_tag, ms))
             self._runs += 1
             self._last_fd = fd_tag
             self._last_run_start = self._size
+            self._last_run_ms = ms
 
     def append(self, fd_tag: int, data: bytes) -> None:
         """Append bytes read from stream fd_tag (call notify() once after a batch)."""
@@ -258,14 +279,14 @@ class OutputLog:
 
     # -- readers ----------------------------------------------------------------------------------------------------
 
-    def _run_entry(self, i: int) -> tuple[int, int]:
+    def _run_entry(self, i: int) -> tuple[int, int, int]:
+        """(start, fd, read_at_ms) of run i."""
         if i == self._runs - 1:
-            return self._last_run_start, self._last_fd
-        start, fd = _RUN.unpack(os.pread(self._index(), _RUN.size, i * _RUN.size))
-        return start, fd
+            return self._last_run_start, self._last_fd, self._last_run_ms
+        return _unpack(os.pread(self._index(), _RUN.size, i * _RUN.size))
 
-    def _run_at(self, pos: int) -> tuple[int, int]:
-        """(fd, end offset) of the run holding pos (end is the log size for the last run)."""
+    def _run_at(self, pos: int) -> tuple[int, int, int]:
+        """(fd, end offset, read_at_ms) of the run holding pos (end is the log size for the last run)."""
         lo, hi = 0, self._runs - 1
         while lo < hi:  # the last run starting at or before pos
             mid = (lo + hi + 1) // 2
@@ -273,9 +294,20 @@ class OutputLog:
                 lo = mid
             else:
                 hi = mid - 1
-        _, fd = self._run_entry(lo)
+        _, fd, ms = self._run_entry(lo)
         end = self._run_entry(lo + 1)[0] if lo + 1 < self._runs else self._size
-        return fd, end
+        return fd, end, ms
+
+    def offset_since(self, ms: int) -> int:
+        """Where the first byte read at or after ms (Unix time in ms) begins; the end when there is none yet."""
+        lo, hi = 0, self._runs  # the first run whose time is >= ms (runs are ordered by time)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._run_entry(mid)[2] < ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        return max(self._run_entry(lo)[0], self._start) if lo < self._runs else self._size
 
     def _read_fd(self, k: int) -> int:
         fd = self._read_fds.get(k)
@@ -314,14 +346,14 @@ class OutputLog:
         try:
             pos = max(from_offset, self._start)
             end = None if follow else self._size
-            run_fd, run_end = 0, 0
+            run_fd, run_end, run_ms = 0, 0, 0
             while True:
                 if pos < self._start:  # retention dropped what this reader had not read yet
                     pos, run_end = self._start, 0
                 limit = self._size if end is None else min(end, self._size)
                 if pos < limit:
                     if pos >= run_end:
-                        run_fd, run_end = self._run_at(pos)
+                        run_fd, run_end, run_ms = self._run_at(pos)
                     if run_fd == LOST or (only is not None and run_fd != only):
                         pos = min(run_end, limit)
                         continue
@@ -330,7 +362,7 @@ class OutputLog:
                     data = os.pread(self._read_fd(k), n, within)
                     if not data:
                         raise OSError(f"output segment {k} is shorter than the log says")
-                    yield Chunk(pos, run_fd, data)
+                    yield Chunk(pos, run_fd, data, run_ms)
                     pos += len(data)
                 elif end is not None or self._closed:
                     return
@@ -359,7 +391,7 @@ class OutputLog:
         try:
             newlines, skip_final = 0, True
             for i in range(self._runs - 1, -1, -1):
-                start, fd = self._run_entry(i)
+                start, fd, _ = self._run_entry(i)
                 end = self._run_entry(i + 1)[0] if i + 1 < self._runs else self._size
                 start = max(start, self._start)
                 if end <= start or fd == LOST or (only is not None and fd != only):

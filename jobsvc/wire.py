@@ -126,7 +126,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_stream_response(data: bytes, stream: int, offset: int) -> bytes:
+def encode_stream_response(data: bytes, stream: int, offset: int, read_at_ms: int = 0) -> bytes:
     """A StreamResponse in its wire form, byte for byte what StreamResponse(...).SerializeToString() gives.
 
     Stream is the bulk path: building a message object copies the chunk into a fresh upb arena and serializing
@@ -140,4 +140,6 @@ def encode_stream_response(data: bytes, stream: int, offset: int) -> bytes:
         parts += (b"\x10", _varint(stream))  # field 2, varint (an enum)
     if offset:
         parts += (b"\x18", _varint(offset))  # field 3, varint
+    if read_at_ms:
+        parts += (b"\x20", _varint(read_at_ms))  # field 4, varint
     return b"".join(parts)

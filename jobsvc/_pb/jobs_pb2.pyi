@@ -167,25 +167,29 @@ class ListResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("id", "from_offset", "no_follow", "only", "tail_lines")
+    __slots__ = ("id", "from_offset", "no_follow", "only", "tail_lines", "since")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NO_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     ONLY_FIELD_NUMBER: _ClassVar[int]
     TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     from_offset: int
     no_follow: bool
     only: OutputStream
     tail_lines: int
-    def __init__(self, id: _Optional[str] = ..., from_offset: _Optional[int] = ..., no_follow: _Optional[bool] = ..., only: _Optional[_Union[OutputStream, str]] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., from_offset: _Optional[int] = ..., no_follow: _Optional[bool] = ..., only: _Optional[_Union[OutputStream, str]] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("data", "stream", "offset")
+    __slots__ = ("data", "stream", "offset", "read_at_ms")
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    READ_AT_MS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     stream: OutputStream
     offset: int
-    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+    read_at_ms: int
+    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., offset: _Optional[int] = ..., read_at_ms: _Optional[int] = ...) -> None: ...

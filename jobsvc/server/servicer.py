@@ -61,11 +61,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
             follow=not request.no_follow,
             only=only,
             tail_lines=request.tail_lines if request.HasField("tail_lines") else None,
+            since_ms=request.since.ToMilliseconds() if request.HasField("since") else None,
         )
         async with contextlib.aclosing(cast(Any, chunks)) as items:  # a cancelled call gives its slot back now
             async for chunk in items:
                 stream = pb.OUTPUT_STREAM_STDERR if chunk.fd == STDERR else pb.OUTPUT_STREAM_STDOUT
-                yield encode_stream_response(chunk.data, stream, chunk.offset)
+                yield encode_stream_response(chunk.data, stream, chunk.offset, chunk.read_at_ms)
 
 
 PRE_ENCODED = frozenset({"Stream"})  # methods whose responses the servicer encodes itself

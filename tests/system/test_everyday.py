@@ -185,6 +185,29 @@ class FlakyProxy:
         self.cut()
 
 
+def test_stream_timestamps_and_since(server: Server) -> None:
+    import datetime as dt
+
+    # "early" is read before the job waits for the test; "late" after the test has noted a moment
+    job_id = ok(server, "start", "--", "sh", "-c", "echo early; while [ ! -e go ]; do sleep 0.05; done; echo late")
+    job_id = job_id.strip()
+    wait_for_output(server, job_id, b"early")
+    time.sleep(0.3)  # more than the 0.1 s a timestamp is rounded to
+    moment = dt.datetime.now(dt.UTC)
+    time.sleep(0.3)
+    workdir = json.loads(ok(server, "get", "--json", job_id))["workdir"]
+    (Path(workdir) / "go").touch()
+    ok(server, "wait", job_id)
+    since = jobctl(server, "stream", job_id, "--since", moment.isoformat().replace("+00:00", "Z"))
+    assert (since.returncode, since.stdout, since.stderr) == (0, b"late\n", b"")  # only what was read after it
+    assert jobctl(server, "stream", job_id, "--since", "1h").stdout == b"early\nlate\n"
+    stamped = jobctl(server, "stream", job_id, "--timestamps")
+    lines = stamped.stdout.decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["early", "late"]
+    early, late = (dt.datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00")) for line in lines)
+    assert early < moment < late, (early, moment, late)  # each line carries when the server read it
+
+
 def test_stream_resumes_after_a_dropped_connection(server: Server) -> None:
     proxy = FlakyProxy(server.port)
     try:
@@ -352,3 +375,15 @@ def test_completion_of_job_ids_and_contexts(config_home: Path, server: Server) -
 
     assert job_id in complete(f"jobctl get --id {job_id[:6]}")
     assert "local" in complete("jobctl context use lo") and "down" not in complete("jobctl context use lo")
+
+
+def test_get_says_when_a_job_hit_its_pids_limit(server: Server) -> None:
+    storm = "for i in $(seq 1 30); do sleep 5 & done 2>/dev/null; wait; true"
+    job_id = ok(server, "start", "--pids", "8", "--", "sh", "-c", storm).strip()
+    jobctl(server, "wait", job_id)  # its exit code is the job's (sh may give up when a fork fails)
+    shown = ok(server, "get", job_id)
+    assert "pids limit: hit: the kernel refused a fork of this job at its limit of 8" in shown, shown
+    assert json.loads(ok(server, "get", "--json", job_id))["pids_limit_hit"] is True
+    calm = ok(server, "start", "--pids", "8", "--", "true").strip()
+    ok(server, "wait", calm)
+    assert "pids limit" not in ok(server, "get", calm)

@@ -75,14 +75,22 @@ class FakeClient:
         ]
 
     def stream(
-        self, job_id: str, from_offset: int = 0, follow: bool = True, only: Any = None, tail: Any = None
+        self,
+        job_id: str,
+        from_offset: int = 0,
+        follow: bool = True,
+        only: Any = None,
+        tail: Any = None,
+        since_ms: Any = None,
     ) -> Iterator[Output]:
-        if (follow, only, tail) == (True, None, None):
+        if (follow, only, tail, since_ms) == (True, None, None, None):
             self._record("stream", job_id, from_offset)
-        else:
+        elif since_ms is None:
             self._record("stream", job_id, from_offset, follow, only, tail)
-        yield Output(1, 0, b"out\xff")
-        yield Output(2, 4, b"err")
+        else:
+            self._record("stream", job_id, from_offset, follow, only, tail, since_ms)
+        yield Output(1, 0, b"out\xff\nsecond line\n", 1_796_120_683_089)
+        yield Output(2, 17, b"err", 1_796_120_683_189)
 
     def close(self) -> None:
         pass
@@ -176,9 +184,33 @@ def test_stream_splits_stdout_and_stderr(fake: FakeClient) -> None:
     runner = CliRunner()
     result = runner.invoke(cli, ["stream", "--id", "abcd", "--from-offset", "7"], obj={"client_factory": lambda: fake})
     assert result.exit_code == 0
-    assert result.stdout_bytes == b"out\xff"
+    assert result.stdout_bytes == b"out\xff\nsecond line\n"
     assert result.stderr_bytes == b"err"
     assert fake.calls == [("stream", ("abcd", 7))]
+
+
+def test_stream_timestamps_begin_every_line_with_the_time_the_server_read_it(fake: FakeClient) -> None:
+    result = CliRunner().invoke(cli, ["stream", "abcd", "-t"], obj={"client_factory": lambda: fake})
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes == (
+        b"2026-12-01T10:24:43.089Z out\xff\n2026-12-01T10:24:43.089Z second line\n"
+    )  # binary output stays as it was, only prefixed
+    assert result.stderr_bytes == b"2026-12-01T10:24:43.189Z err"
+
+
+def test_stream_since_takes_a_duration_or_a_time_and_sends_unix_ms(fake: FakeClient) -> None:
+    import time
+
+    before = time.time()
+    assert invoke(fake, "stream", "abcd", "--since", "10m").exit_code == 0
+    assert invoke(fake, "stream", "abcd", "--since", "2026-12-01T10:00:00Z").exit_code == 0
+    (_, first), (_, second) = fake.calls
+    assert first[:5] == second[:5] == ("abcd", 0, True, None, None)
+    assert abs(first[5] - (before - 600) * 1000) < 5000  # ten minutes before now, in Unix ms
+    assert second[5] == 1_796_119_200_000
+    bad = invoke(fake, "stream", "abcd", "--since", "2026-12-01T10:00:00")
+    assert bad.exit_code == 2 and "no time zone" in bad.output
+    assert invoke(fake, "stream", "abcd", "--since", "soon").exit_code == 2
 
 
 def test_wait_exits_128_plus_signal(fake: FakeClient) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -88,12 +89,14 @@ async def test_live_reader_is_woken_by_notify_without_polling(tmp_path: Path) ->
     pending = asyncio.ensure_future(it.__anext__())
     await asyncio.sleep(0.05)
     assert not pending.done()  # nothing written: the reader waits
+    before = time.time()
     log.append(STDOUT, b"x")
     await asyncio.sleep(0.05)
     assert not pending.done()  # written but not yet announced
     log.notify()
     chunk = await asyncio.wait_for(pending, 1)
-    assert chunk == Chunk(0, STDOUT, b"x")
+    assert (chunk.offset, chunk.fd, chunk.data) == (0, STDOUT, b"x")
+    assert int(before * 1000) <= chunk.read_at_ms <= time.time() * 1000  # when the server read it
     log.close()
     with pytest.raises(StopAsyncIteration):
         await it.__anext__()
@@ -338,3 +341,46 @@ def test_recover_a_log_whose_first_index_record_never_reached_the_disk(tmp_path:
     (tmp_path / "out" / f"{0:012d}.seg").touch()
     again = OutputLog.recover(tmp_path / "out")
     assert (again.start, again.size, again.closed) == (0, 0, True)
+
+
+async def test_bytes_with_no_run_record_are_counted_lost_not_shown_under_a_guessed_stream(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    log = OutputLog(directory, segment_size=1 << 16)
+    log.append(STDERR, b"which stream was this?")
+    log.close()
+    (directory / "index").unlink()  # as a log written before runs were declared first could be left by a crash
+    again = OutputLog.recover(directory)
+    assert await collect(again) == []
+    assert again.lost_bytes == again.size == len(b"which stream was this?")
+
+
+async def test_runs_carry_the_time_they_were_read_and_since_finds_the_first_byte_after_a_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobsvc.output as output
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(output.time, "time", lambda: now[0])
+    log = OutputLog(tmp_path / "out", segment_size=1 << 16)
+    log.append(STDOUT, b"a1\n")
+    now[0] += 0.05
+    log.append(STDOUT, b"a2\n")  # within the same 0.1 s run: same timestamp
+    now[0] += 5
+    log.append(STDOUT, b"b\n")  # a new run, 5 s later
+    now[0] += 0.01
+    log.append(STDERR, b"c\n")  # another stream: a new run whatever the time
+    now[0] -= 60  # the clock steps back: runs keep their order in time
+    log.append(STDERR, b"d\n")
+    log.close()
+    chunks = await collect(log)
+    assert [(c.data, c.read_at_ms) for c in chunks] == [
+        (b"a1\na2\n", 1_000_000_000),
+        (b"b\n", 1_000_005_050),
+        (b"c\nd\n", 1_000_005_060),  # d's clock said a minute earlier: it stays in c's run, never before it
+    ]
+    assert log.offset_since(0) == 0
+    assert log.offset_since(1_000_000_001) == 6  # the first byte read after that moment: "b"
+    assert log.offset_since(1_000_005_060) == 8
+    assert log.offset_since(2_000_000_000) == log.size  # nothing yet: a follower waits for new output
+    again = OutputLog.recover(tmp_path / "out")  # the times are on disk
+    assert [c.read_at_ms for c in await collect(again)] == [c.read_at_ms for c in chunks]
