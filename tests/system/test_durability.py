@@ -83,6 +83,32 @@ def test_restart_after_kill9_keeps_every_job_and_its_output(tmp_path: Path, keys
     assert stream_all(second, live.id)[0] == before_live == b"started\n"
 
 
+def test_a_job_that_writes_while_the_server_is_down_ends_with_sigpipe(
+    tmp_path: Path, keys: Pki, cleanup: list[Server]
+) -> None:
+    # What the README promises of a crash: the output read before it is kept; a job writing while the server is
+    # down finds no reader on its pipe (SIGPIPE); a quiet job lives on until the restart ends it.
+    first = start_server(tmp_path, keys)
+    cleanup.append(first)
+    stub = first.stub()
+    writer = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"while true; do echo tick; sleep 0.05; done"]))
+    quiet = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", b"echo once; exec sleep 1000"]))
+    for job in (writer, quiet):
+        next(iter(stub.Stream(pb.StreamRequest(id=job.id))))
+    kill9(first)
+    deadline = time.monotonic() + 30
+    while processes_in_cgroup_named(writer.id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_in_cgroup_named(writer.id) == [], "the writer outlived the reader of its pipe"
+    assert processes_in_cgroup_named(quiet.id), "a job that does not write lives on until the restart"
+    second = restart(first)
+    cleanup.append(second)
+    jobs = {j.id: j for j in second.stub().List(pb.ListRequest()).jobs}
+    assert {jobs[writer.id].reason, jobs[quiet.id].reason} == {"server restarted"}
+    assert processes_in_cgroup_named(quiet.id) == []
+    assert stream_all(second, writer.id)[0].startswith(b"tick\n")  # what was read before the crash is kept
+
+
 def test_restart_removes_stray_groups_of_its_instance_only(tmp_path: Path, keys: Pki, cleanup: list[Server]) -> None:
     first = start_server(tmp_path, keys)
     cleanup.append(first)
