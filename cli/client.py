@@ -191,19 +191,35 @@ class JobClient:
                 raise WaitTimeoutError(f"job {job_id} is still running after {timeout:g}s") from None
             raise self._error(e, job_id) from None
 
-    def list(self, status: str | tuple[str, ...] | None = None, since: float | None = None) -> list[JobRecord]:
-        """Jobs with any of the given statuses (all when none), oldest first."""
+    def list(
+        self, status: str | tuple[str, ...] | None = None, since: float | None = None, limit: int | None = None
+    ) -> list[JobRecord]:
+        """Jobs with any of the given statuses (all when none), oldest first; with limit, only the newest limit.
+
+        The server answers in pages (of about 1 MiB at most): this asks for every page it needs.
+        """
         from jobsvc.states import JobStatus
         from jobsvc.wire import job_from_pb, status_to_pb
 
         wanted = (status,) if isinstance(status, str) else tuple(status or ())
-        req = self._pb.ListRequest()
-        if len(set(wanted)) == 1:  # the server filters one status; a union is filtered here
+        req = self._pb.ListRequest(newest_first=limit is not None)
+        one = len(set(wanted)) == 1
+        if one:  # the server filters one status; a union is filtered here
             req.status = status_to_pb(JobStatus(wanted[0]))  # type: ignore[assignment]
         if since is not None:
             req.since_seconds = since
-        records = [job_from_pb(j) for j in self._call("List", req).jobs]
-        return [r for r in records if not wanted or r.status.value in wanted]
+        if limit is not None and (one or not wanted):
+            req.page_size = min(limit, 1000)
+        records: list[JobRecord] = []
+        while True:
+            reply = self._call("List", req)
+            records += [r for r in map(job_from_pb, reply.jobs) if not wanted or r.status.value in wanted]
+            if not reply.next_page_token or (limit is not None and len(records) >= limit):
+                break
+            req.page_token = reply.next_page_token
+        if limit is not None:
+            return records[:limit][::-1]  # the newest limit, shown oldest first like the rest
+        return records
 
     def stream(
         self,

@@ -557,20 +557,34 @@ STATUSES = ("running", "stopped", "finished")
 @click.option(
     "--since", type=DURATION, metavar="DURATION", help="Only jobs started within this long (e.g. 90s, 10m, 2h, 7d)."
 )
+@click.option(
+    "-n",
+    "--limit",
+    type=click.IntRange(1, MAX_INT64),
+    metavar="N",
+    help="Only the newest N jobs (still shown oldest first). Default: all of them.",
+)
 @click.option("--all-contexts", is_flag=True, help="Your jobs on every server of your config, side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of records, oldest first.")
 @click.pass_context
 def list_(
-    ctx: click.Context, statuses: tuple[str, ...], since: float | None, all_contexts: bool, as_json: bool
+    ctx: click.Context,
+    statuses: tuple[str, ...],
+    since: float | None,
+    limit: int | None,
+    all_contexts: bool,
+    as_json: bool,
 ) -> None:
-    """List your jobs, oldest first."""
+    """List your jobs, oldest first: all of them, however many (the server answers page by page)."""
     from . import render
 
     wanted = tuple(dict.fromkeys(statuses))  # in the order given, once each
     if all_contexts:
+        if limit is not None:
+            raise click.UsageError("--limit and --all-contexts exclude each other")
         _list_everywhere(ctx, wanted, since, as_json)
         return
-    records = call(lambda: client(ctx).list(wanted, since))
+    records = call(lambda: client(ctx).list(wanted, since, limit))
     click.echo(render.records_json(records) if as_json else render.table(records))
 
 

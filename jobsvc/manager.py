@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobsvc.authz import Authz
+from jobsvc.catalog import Catalog
 from jobsvc.cgroups.base import CgroupDriver, detect
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
 from jobsvc.heap import release_free_heap
@@ -35,6 +36,8 @@ from jobsvc.workroot import WorkRoot
 log = logging.getLogger(__name__)
 
 MIN_PREFIX = 4
+LIST_PAGE = 500  # jobs per List page unless the client asks for fewer
+LIST_PAGE_MAX = 1000
 # A job's whole environment: nothing of the server's leaks into it. HOME is its working directory.
 BASE_ENV: Mapping[bytes, bytes] = {
     b"PATH": b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -122,8 +125,7 @@ class JobManager:
         self._spawner = spawner
         self._store = store
         self._clock = clock
-        self._jobs: dict[str, Job] = {}
-        self._by_owner: dict[str, dict[str, Job]] = {}
+        self._jobs: Catalog[Job] = Catalog()
         self._authz = Authz(config.admins)
         self._fixed_user = named_user(config.job_user) if config.job_user is not None else None
         self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
@@ -197,8 +199,7 @@ class JobManager:
         self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
 
     def _add(self, job: Job) -> None:
-        self._jobs[job.id] = job
-        self._by_owner.setdefault(job.owner, {})[job.id] = job
+        self._jobs.add(job)
 
     @property
     def instance_groups(self) -> list[Path]:
@@ -210,37 +211,64 @@ class JobManager:
 
     # -- lookups ----------------------------------------------------------------------------------------------------
 
-    def _visible(self, identity: str) -> dict[str, Job]:
-        return self._jobs if self._authz.is_admin(identity) else self._by_owner.get(identity, {})
+    def _scope(self, identity: str) -> str | None:
+        """Whose jobs identity sees: its own, or everyone's (None) for an admin."""
+        return None if self._authz.is_admin(identity) else identity
 
     def _resolve(self, owner: str, job_id: str) -> Job:
         """A job this identity may act on, by full id or unique prefix (at least MIN_PREFIX characters)."""
-        mine = self._visible(owner)
-        job = mine.get(job_id)
+        scope = self._scope(owner)
+        job = self._jobs.find(scope, job_id)
         if job is not None:
             return job
         if len(job_id) >= MIN_PREFIX:
-            matches = [j for jid, j in mine.items() if jid.startswith(job_id)]
+            matches = self._jobs.with_prefix(scope, job_id)
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                raise InvalidArgumentError(f"job id prefix {job_id!r} is ambiguous: {len(matches)} jobs match")
+                raise InvalidArgumentError(f"job id prefix {job_id!r} is ambiguous: more than one job matches")
         raise not_found()
 
     def get(self, owner: str, job_id: str) -> JobRecord:
         return self._resolve(owner, job_id).record()
 
-    def list(self, owner: str, status: JobStatus | None = None, since: float | None = None) -> list[JobRecord]:
-        """The jobs this identity may see, oldest first; optionally only one status, or started in the last N s."""
+    def list_page(
+        self,
+        owner: str,
+        status: JobStatus | None = None,
+        since: float | None = None,
+        *,
+        after: tuple[dt.datetime, str] | None = None,
+        limit: int = LIST_PAGE,
+        newest_first: bool = False,
+    ) -> tuple[list[JobRecord], bool]:
+        """A page of the jobs this identity may see, oldest first (or newest first), after the (started_at, id)
+        of the last one of the previous page; optionally one status, or started in the last N s. Also whether
+        more follow. A page costs what its jobs cost, however many jobs the server keeps."""
         if since is not None and not since > 0:
             raise InvalidArgumentError(f"since must be a positive number of seconds, got {since}")
-        jobs = list(self._visible(owner).values())
-        if status is not None:
-            jobs = [j for j in jobs if j.status is status]
-        if since is not None:
-            cutoff = self._clock() - dt.timedelta(seconds=min(since, 1e9))
-            jobs = [j for j in jobs if j.started_at >= cutoff]
-        return sorted((j.record() for j in jobs), key=lambda r: r.started_at)
+        if not 0 < limit <= LIST_PAGE_MAX:
+            raise InvalidArgumentError(f"page size must be between 1 and {LIST_PAGE_MAX}, got {limit}")
+        cutoff = None if since is None else self._clock() - dt.timedelta(seconds=min(since, 1e9))
+        jobs, more = self._jobs.page(
+            self._scope(owner),
+            after=after,
+            newest_first=newest_first,
+            started_since=cutoff,
+            keep=(lambda j: True) if status is None else (lambda j: j.status is status),
+            limit=limit,
+        )
+        return [j.record() for j in jobs], more
+
+    def list(self, owner: str, status: JobStatus | None = None, since: float | None = None) -> list[JobRecord]:
+        """Every job this identity may see, oldest first (the library's form; the API pages with list_page)."""
+        records: list[JobRecord] = []
+        more = True
+        while more:
+            after = (records[-1].started_at, records[-1].id) if records else None
+            page, more = self.list_page(owner, status, since, after=after, limit=LIST_PAGE_MAX)
+            records += page
+        return records
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
@@ -512,7 +540,7 @@ class JobManager:
             self._save(job.record() if job is not None and job.ended else record)
         cfg = self.config
         now = self._clock()
-        ended = sorted((j for j in self._jobs.values() if j.ended), key=lambda j: j.ended_at or now)
+        ended = sorted((j for j in self._jobs if j.ended), key=lambda j: j.ended_at or now)
         doomed: dict[str, Job] = {}
         if cfg.keep_finished_seconds is not None:
             for j in ended:
@@ -526,7 +554,7 @@ class JobManager:
                 for j in jobs[: max(0, len(jobs) - cfg.keep_finished_per_user)]:
                     doomed[j.id] = j
         if cfg.max_total_output_bytes is not None:
-            total = sum(j.output.size - j.output.start for j in self._jobs.values() if j.id not in doomed)
+            total = sum(j.output.size - j.output.start for j in self._jobs if j.id not in doomed)
             for j in ended:
                 if total <= cfg.max_total_output_bytes:
                     break
@@ -534,7 +562,7 @@ class JobManager:
                     doomed[j.id] = j
                     total -= j.output.size - j.output.start
             while total > cfg.max_total_output_bytes:  # only running jobs are left: drop their oldest output
-                live = [j for j in self._jobs.values() if not j.ended]
+                live = [j for j in self._jobs if not j.ended]
                 freed = max((j.output for j in live), key=lambda o: o.size - o.start, default=None)
                 dropped = freed.drop_oldest_segment() if freed is not None else 0
                 if not dropped:
@@ -546,8 +574,7 @@ class JobManager:
 
     def _remove(self, job: Job) -> None:
         """Forget an ended job: its record, output and working directory."""
-        self._jobs.pop(job.id, None)
-        self._by_owner.get(job.owner, {}).pop(job.id, None)
+        self._jobs.remove(job)
         self._unsaved.pop(job.id, None)
         self._unsaved_why.pop(job.id, None)
         job.output.close()
@@ -582,7 +609,7 @@ class JobManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
         g = self.config.default_grace if grace is None else grace
-        running = [j for j in self._jobs.values() if not j.ended]
+        running = [j for j in self._jobs if not j.ended]
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._writer.shutdown(wait=True)

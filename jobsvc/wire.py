@@ -143,3 +143,19 @@ def encode_stream_response(data: bytes, stream: int, offset: int, read_at_ms: in
     if read_at_ms:
         parts += (b"\x20", _varint(read_at_ms))  # field 4, varint
     return b"".join(parts)
+
+
+def page_token(started_at: dt.datetime, job_id: str) -> str:
+    """Where a List page ended: the (start time, id) of its last job, which sorts every job."""
+    return f"v1:{int(started_at.timestamp() * 1_000_000)}:{job_id}"
+
+
+def page_after(token: str) -> tuple[dt.datetime, str]:
+    """The position a page token names; InvalidArgumentError for anything else."""
+    from jobsvc.errors import InvalidArgumentError
+
+    version, _, rest = token.partition(":")
+    micros, _, job_id = rest.partition(":")
+    if version != "v1" or not micros.isdigit() or not job_id:
+        raise InvalidArgumentError("page_token is not one this server gave out")
+    return dt.datetime.fromtimestamp(int(micros) / 1_000_000, dt.UTC), job_id

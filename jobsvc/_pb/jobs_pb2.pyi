@@ -153,18 +153,26 @@ class StopRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., grace_seconds: _Optional[float] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("status", "since_seconds")
+    __slots__ = ("status", "since_seconds", "page_size", "page_token", "newest_first")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIRST_FIELD_NUMBER: _ClassVar[int]
     status: JobStatus
     since_seconds: float
-    def __init__(self, status: _Optional[_Union[JobStatus, str]] = ..., since_seconds: _Optional[float] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    newest_first: bool
+    def __init__(self, status: _Optional[_Union[JobStatus, str]] = ..., since_seconds: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: _Optional[bool] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("id", "from_offset", "no_follow", "only", "tail_lines", "since")

@@ -12,10 +12,13 @@ from grpc import aio
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc as pb_grpc
 from jobsvc.errors import InvalidArgumentError
-from jobsvc.manager import JobManager
+from jobsvc.manager import LIST_PAGE, LIST_PAGE_MAX, JobManager
+from jobsvc.model import JobRecord
 from jobsvc.output import STDERR, STDOUT
 from jobsvc.server.interceptors import current_identity
-from jobsvc.wire import encode_stream_response, job_to_pb, limits_from_pb, status_from_pb
+from jobsvc.wire import encode_stream_response, job_to_pb, limits_from_pb, page_after, page_token, status_from_pb
+
+LIST_REPLY_BYTES = 1 << 20  # a List page's jobs, encoded, at most about this (grpc refuses replies over 4 MiB)
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
@@ -47,7 +50,22 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def List(self, request: pb.ListRequest, context: aio.ServicerContext) -> pb.ListResponse:
         status = status_from_pb(request.status) if request.status else None
         since = request.since_seconds if request.HasField("since_seconds") else None
-        return pb.ListResponse(jobs=[job_to_pb(r) for r in self._m.list(current_identity(), status, since)])
+        after = page_after(request.page_token) if request.page_token else None
+        size = min(request.page_size or LIST_PAGE, LIST_PAGE_MAX)
+        records, more = self._m.list_page(
+            current_identity(), status, since, after=after, limit=size, newest_first=request.newest_first
+        )
+        jobs: list[tuple[JobRecord, pb.Job]] = []
+        total = 0
+        for record in records:  # a page stays far below grpc's 4 MiB whatever the records hold (argv up to 128 KiB)
+            msg = job_to_pb(record)
+            total += msg.ByteSize() + 8
+            if jobs and total > LIST_REPLY_BYTES:
+                more = True
+                break
+            jobs.append((record, msg))
+        token = page_token(jobs[-1][0].started_at, jobs[-1][0].id) if more and jobs else ""
+        return pb.ListResponse(jobs=[m for _, m in jobs], next_page_token=token)
 
     async def Stream(self, request: pb.StreamRequest, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         """Yields StreamResponse messages already encoded (add_to_server registers Stream without a serializer)."""

@@ -284,3 +284,46 @@ def test_the_server_logs_which_cgroup_driver_it_uses(server: Server) -> None:
     instance = (server.state_dir / "instance").read_text().strip()
     line = next(x for x in server.log().splitlines() if "job groups beneath" in x)
     assert f"cgroup {CGROUP_VERSION}: job groups beneath " in line and f"/jobsvc/{instance}" in line, line
+
+
+def test_list_works_at_any_size_in_pages(tmp_path: Path) -> None:
+    # 250 jobs with 20 KB commands are 5 MB of records: one reply of them all is over grpc's 4 MiB limit
+    import subprocess
+
+    from tests.system.server import BIN
+
+    srv = start_server(tmp_path, make_pki(tmp_path / "pki"))
+    try:
+        stub = srv.stub()
+        started = []
+        for i in range(250):
+            job = stub.Start(pb.StartRequest(argv=[b"true", str(i).encode() + b"-" + b"x" * 20_000]))
+            started.append(job.id)
+        first = stub.List(pb.ListRequest())
+        assert 0 < len(first.jobs) < 250 and first.next_page_token  # a page, about 1 MiB at most
+        assert first.ByteSize() <= 1_100_000
+        ids: list[str] = []
+        req = pb.ListRequest(page_size=40)
+        while True:
+            reply = stub.List(req)
+            ids += [j.id for j in reply.jobs]
+            if not reply.next_page_token:
+                break
+            req.page_token = reply.next_page_token
+        assert ids == started  # every job once, oldest first
+        newest = stub.List(pb.ListRequest(page_size=3, newest_first=True))
+        assert [j.id for j in newest.jobs] == started[-3:][::-1]
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.List(pb.ListRequest(page_token="not-a-token"))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        def jobctl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([BIN / "jobctl", *args], env=srv.env(), capture_output=True, text=True, timeout=120)
+
+        every = jobctl("list", "--json")
+        assert every.returncode == 0, every.stderr
+        assert [r["id"] for r in json.loads(every.stdout)] == started
+        last = jobctl("list", "--limit", "2", "--json")
+        assert [r["id"] for r in json.loads(last.stdout)] == started[-2:]  # the newest two, oldest first
+    finally:
+        srv.stop()

@@ -61,8 +61,11 @@ class FakeClient:
         self._record("wait", job_id) if timeout is None else self._record("wait", job_id, timeout)
         return record(id=job_id, status=JobStatus.FINISHED, exit_code=None, signal=9, ended_at=NOW)
 
-    def list(self, status: Any = (), since: Any = None) -> list[JobRecord]:
-        self._record("list") if not status and since is None else self._record("list", status, since)
+    def list(self, status: Any = (), since: Any = None, limit: Any = None) -> list[JobRecord]:
+        if limit is not None:
+            self._record("list", status, since, limit)
+        else:
+            self._record("list") if not status and since is None else self._record("list", status, since)
         return [
             record(),
             record(

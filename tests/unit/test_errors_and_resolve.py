@@ -54,9 +54,16 @@ def test_cancellation_passes_through() -> None:
 
 
 def make_manager(ids_by_owner: dict[str, list[str]], admins: frozenset[str] = frozenset()) -> JobManager:
+    import datetime as dt
+
+    from jobsvc.catalog import Catalog
+
     m = JobManager.__new__(JobManager)
-    m._by_owner = {owner: {i: SimpleNamespace(id=i) for i in ids} for owner, ids in ids_by_owner.items()}  # type: ignore[misc]
-    m._jobs = {i: j for jobs in m._by_owner.values() for i, j in jobs.items()}
+    m._jobs = Catalog()
+    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    for owner, ids in ids_by_owner.items():
+        for n, i in enumerate(ids):
+            m._jobs.add(SimpleNamespace(id=i, owner=owner, started_at=t0 + dt.timedelta(seconds=n)))  # type: ignore[arg-type]
     m._authz = Authz(admins)
     return m
 
