@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobsvc.authz import Authz
 from jobsvc.catalog import Catalog
-from jobsvc.cgroups.base import CgroupDriver, detect
+from jobsvc.cgroups.base import ENDED, CgroupDriver, detect
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
 from jobsvc.heap import release_free_heap
 from jobsvc.job import Clock, Job, utc_now
@@ -175,20 +175,35 @@ class JobManager:
             else:
                 log.warning("state dir: skipping %s: %s", name, why)
         known = set()
+        restored: list[Job] = []
         for record in records:
             known.add(record.id)
-            group = self._driver.open(record.id)
-            if not record.status.ended:
-                await group.kill()
-                await group.destroy()
-                self._work.retire(record.id)  # as at a job's end: its uid will run other jobs
-                self._work.remove_private(record.id)
-                record = dataclasses.replace(
-                    record, status=JobStatus.STOPPED, reason="server restarted", ended_at=self._clock()
+            if record.status.ended:  # its groups went with it; its output is read when someone streams it
+                output = OutputLog.ended(
+                    self._store.output_dir(record.id),
+                    record.output_bytes,
+                    record.output_dropped_bytes,
+                    record.output_lost_bytes,
                 )
-                self._save(record)
+                restored.append(Job.restore(record, ENDED, output))
+                continue
+            group = self._driver.open(record.id)
+            await group.kill()
+            await group.destroy()
+            self._work.retire(record.id)  # as at a job's end: its uid will run other jobs
+            self._work.remove_private(record.id)
             output = OutputLog.recover(self._store.output_dir(record.id))
-            self._add(Job.restore(record, group, output))
+            record = dataclasses.replace(
+                record,
+                status=JobStatus.STOPPED,
+                reason="server restarted",
+                ended_at=self._clock(),
+                output_bytes=output.size,
+                output_dropped_bytes=output.start,
+            )
+            self._save(record)
+            restored.append(Job.restore(record, group, output))
+        self._jobs.extend(restored)
         for orphan in set(self._driver.existing()) - known:
             log.warning("removing cgroup of unknown job %s", orphan)
             group = self._driver.open(orphan)

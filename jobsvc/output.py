@@ -112,6 +112,7 @@ class OutputLog:
         self._readers = 0
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        self._unread = False  # an ended job's log not read back from disk yet (see ended())
         self.lost_bytes = 0
 
     @property
@@ -133,11 +134,38 @@ class OutputLog:
     @classmethod
     def recover(cls, directory: Path) -> OutputLog:
         """A closed log read back from disk after a restart or crash (a torn last index record is ignored)."""
+        log = cls(directory, create=False)
+        log._read_back()
+        return log
+
+    @classmethod
+    def ended(cls, directory: Path, size: int, start: int, lost: int) -> OutputLog:
+        """An ended job's log as its final record describes it; the disk is read only when a reader comes.
+
+        A restart with 50,000 kept jobs read every index and globbed every segment directory for logs that are
+        mostly never streamed again.
+        """
+        log = cls(directory, create=False)
+        log._size, log._start, log.lost_bytes = size, start, lost
+        log._closed = True
+        log._unread = True
+        return log
+
+    def _ensure_read(self) -> None:
+        if self._unread:
+            self._unread = False
+            lost = self.lost_bytes
+            self._read_back()
+            self.lost_bytes = max(self.lost_bytes, lost)
+
+    def _read_back(self) -> None:
+        directory = self._dir
         try:
             seg_size = int((directory / "segment-size").read_text())
         except (OSError, ValueError):
             seg_size = SEGMENT_SIZE
-        log = cls(directory, seg_size, create=False)
+        self._seg_size = seg_size
+        self._size = self._start = 0
         try:
             index = (directory / "index").read_bytes()
         except OSError:
@@ -145,28 +173,27 @@ class OutputLog:
         runs = [_unpack(index, i) for i in range(0, len(index) - _RUN.size + 1, _RUN.size)]
         numbers = sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
         if numbers:
-            log._size = numbers[-1] * seg_size + log._segment_path(numbers[-1]).stat().st_size
+            self._size = numbers[-1] * seg_size + self._segment_path(numbers[-1]).stat().st_size
             # keep the newest contiguous run of segments (older ones were dropped by retention); a segment that
             # was never written because all of it was lost does not break the run
-            lost = _lost_spans(runs, log._size)
+            lost = _lost_spans(runs, self._size)
             first = numbers[-1]
             while first - 1 in numbers or _covered(lost, (first - 1) * seg_size, first * seg_size):
                 first -= 1
             while first not in numbers:  # the oldest kept segment is one that holds bytes
                 first += 1
-            log._start = first * seg_size
-        runs = [run for run in runs if run[0] <= log._size]
-        if not runs and log._size:
+            self._start = first * seg_size
+        runs = [run for run in runs if run[0] <= self._size]
+        if not runs and self._size:
             # bytes with no run record (a log written before runs were declared first): which stream they came
             # from is unknown, so they count as lost rather than be shown under a guessed one
             runs = [(0, LOST, 0)]
-            os.write(log._index(), _pack(0, LOST, 0))
-            log.lost_bytes = log._size - log._start
-        log._runs = len(runs)
+            os.write(self._index(), _pack(0, LOST, 0))
+            self.lost_bytes = self._size - self._start
+        self._runs = len(runs)
         if runs:
-            log._last_run_start, log._last_fd, log._last_run_ms = runs[-1]
-        log._closed = True
-        return log
+            self._last_run_start, self._last_fd, self._last_run_ms = runs[-1]
+        self._closed = True
 
     def remove_files(self) -> None:
         """Delete the log from disk (retention)."""
@@ -300,6 +327,7 @@ class OutputLog:
 
     def offset_since(self, ms: int) -> int:
         """Where the first byte read at or after ms (Unix time in ms) begins; the end when there is none yet."""
+        self._ensure_read()
         lo, hi = 0, self._runs  # the first run whose time is >= ms (runs are ordered by time)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -342,6 +370,7 @@ class OutputLog:
         follow=False ends at the output that exists now; only=STDOUT or STDERR skips the other stream;
         chunk_size() is asked before each read for the largest chunk.
         """
+        self._ensure_read()
         self._readers += 1
         try:
             pos = max(from_offset, self._start)
@@ -385,6 +414,7 @@ class OutputLog:
 
     def tail_offset(self, lines: int, only: int | None = None) -> int:
         """Where the last `lines` lines (of stream `only`, or of both) begin, like `tail -n` / `docker logs --tail`."""
+        self._ensure_read()
         if lines <= 0:
             return self._size
         self._readers += 1  # keep the read descriptors while scanning

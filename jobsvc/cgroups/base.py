@@ -55,6 +55,37 @@ class JobGroup(Protocol):
         ...
 
 
+class EndedGroup:
+    """The groups of a job that ended before this server started: long gone, so there is nothing to act on."""
+
+    join_files: Sequence[str] = ()
+    dirs: Sequence[Path] = ()
+
+    def pids(self) -> list[int]:
+        return []
+
+    def signal(self, sig: int) -> int:
+        return 0
+
+    async def kill(self) -> bool:
+        return True
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def pids_limit_hits(self) -> int:
+        return 0
+
+    def usage(self) -> Usage:
+        return Usage()
+
+    async def destroy(self) -> bool:
+        return True
+
+
+ENDED = EndedGroup()
+
+
 class CgroupDriver(Protocol):
     """Makes and finds job groups beneath the server's own group."""
 

@@ -384,3 +384,19 @@ async def test_runs_carry_the_time_they_were_read_and_since_finds_the_first_byte
     assert log.offset_since(2_000_000_000) == log.size  # nothing yet: a follower waits for new output
     again = OutputLog.recover(tmp_path / "out")  # the times are on disk
     assert [c.read_at_ms for c in await collect(again)] == [c.read_at_ms for c in chunks]
+
+
+async def test_an_ended_log_reads_the_disk_only_when_a_reader_comes(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    log = OutputLog(directory, segment_size=1 << 16)
+    log.append(STDOUT, b"one\n" * 20000)  # more than a segment
+    log.append(STDERR, b"two\n")
+    log.close()
+    (directory / "index").rename(directory / "index.kept")  # were it read now, this would show
+    ended = OutputLog.ended(directory, log.size, 0, 3)
+    assert (ended.size, ended.start, ended.lost_bytes) == (log.size, 0, 3)  # from the record, no disk read
+    (directory / "index.kept").rename(directory / "index")
+    assert ended.tail_offset(1) == log.size - 4
+    chunks = await collect(ended)
+    assert joined(chunks, STDOUT) == b"one\n" * 20000 and joined(chunks, STDERR) == b"two\n"
+    assert ended.lost_bytes == 3
