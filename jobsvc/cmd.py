@@ -208,6 +208,36 @@ def main() -> None:
     "keepalive-timeout.",
 )
 @click.option(
+    "--handshake-timeout",
+    default="5s",
+    show_default=True,
+    type=DURATION,
+    help="How long a new connection may take to finish its TLS handshake (seconds, or e.g. 500ms, 5s) before the "
+    "server closes it: silent or slow connections cannot pile up.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    help="Client connections held at once, authenticated or not (a number); past it new connections are closed "
+    "as they arrive. Default: half the server's open-file limit, keeping the rest for jobs and the state dir.",
+)
+@click.option(
+    "--max-calls-per-connection",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Calls in flight at once on one connection (a number; HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a client's "
+    "further calls wait until one ends.",
+)
+@click.option(
+    "--max-calls-per-user",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Wait and streaming calls (Stream, health Watch, reflection) one user may hold open at once over all "
+    "connections (a number); past it RESOURCE_EXHAUSTED. Start, Get, Stop and List do not count.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -246,6 +276,10 @@ def serve(
     max_timeout: float | None,
     keepalive_time: float,
     keepalive_timeout: float,
+    handshake_timeout: float,
+    max_connections: int | None,
+    max_calls_per_connection: int,
+    max_calls_per_user: int,
     log_level: str,
 ) -> None:
     """Serve the JobService API over mutual TLS until SIGTERM or SIGINT."""
@@ -290,7 +324,15 @@ def serve(
         deny_subjects=frozenset(deny_subjects),
     )
     config = ServerConfig(
-        engine=engine, trust=trust, listen=listen, keepalive_time=keepalive_time, keepalive_timeout=keepalive_timeout
+        engine=engine,
+        trust=trust,
+        listen=listen,
+        keepalive_time=keepalive_time,
+        keepalive_timeout=keepalive_timeout,
+        handshake_timeout=handshake_timeout,
+        max_connections=max_connections,
+        max_calls_per_connection=max_calls_per_connection,
+        max_held_calls_per_user=max_calls_per_user,
     )
     try:
         code = run(config)

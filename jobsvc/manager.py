@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import errno
+import functools
 import logging
 import math
 import os
@@ -136,6 +137,7 @@ class JobManager:
         self._trim_due = False  # the last open stream ended: give its buffers back (janitor)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._launching: set[asyncio.Task[JobRecord]] = set()  # Starts in flight, whether or not a caller waits
         self._unsaved: dict[str, JobRecord] = {}
         self._unsaved_why: dict[str, str] = {}  # job id -> why the disk refused its record (for the shutdown's log)
         # Records are written (fsync'd) by one thread, in order: an fsync waits for the journal, which under a job
@@ -315,9 +317,33 @@ class JobManager:
         timeout = self._check_timeout(timeout)
         limits = validate(resolve_devices(limits or Limits()), self.config.policy)
         self._check_disk()
-        # The slot is taken before the first await and given back on every way out but success (failures and the
-        # call's cancellation alike); a check here and a count after the spawn let hundreds of Starts through.
+        # The slot is taken before the first await and given back on every way out but success; a check here and
+        # a count after the spawn let hundreds of Starts through.
         self._running.take(owner)
+        launch = asyncio.get_running_loop().create_task(
+            self._start_tracked(owner, args, limits, extra_env, workdir, timeout)
+        )
+        self._launching.add(launch)
+        launch.add_done_callback(self._launching.discard)
+        # From the slot on, a Start completes or undoes itself whatever its caller does: cut short by a cancelled
+        # call or a reset connection, a launch left processes no record knew of, or records List did not show.
+        # A caller that goes away leaves its job simply running (like `docker run -d` whose client vanished).
+        try:
+            return await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            launch.add_done_callback(functools.partial(_log_orphaned_start, owner))
+            raise
+
+    async def _start_tracked(
+        self,
+        owner: str,
+        args: tuple[bytes, ...],
+        limits: Limits,
+        extra_env: dict[bytes, bytes],
+        workdir: str | None,
+        timeout: float | None,
+    ) -> JobRecord:
+        """Launch, then track: the job is in List, stoppable and counted from the moment its record is on disk."""
         try:
             job, user, record = await self._launch(owner, args, limits, extra_env, workdir, timeout)
         except BaseException:
@@ -623,6 +649,8 @@ class JobManager:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
+        # Starts in flight finish (or undo themselves) first, so that their jobs are stopped with the rest.
+        await asyncio.gather(*self._launching, return_exceptions=True)
         g = self.config.default_grace if grace is None else grace
         running = [j for j in self._jobs if not j.ended]
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
@@ -650,6 +678,17 @@ class JobManager:
         reconciled: a server that could not bind leaves everything as it found it)."""
         self._spawner.close()
         self._store.close()
+
+
+def _log_orphaned_start(owner: str, launch: asyncio.Task[JobRecord]) -> None:
+    """The end of a Start whose caller went away: its outcome reaches the log (and the exception is retrieved)."""
+    if launch.cancelled():
+        return
+    e = launch.exception()
+    if e is None:
+        log.info("job %s of %s started; its Start call had already ended", launch.result().id, owner)
+    else:
+        log.info("a Start of %s whose call had ended failed: %s", owner, e)
 
 
 def _outcome(record: JobRecord) -> str:

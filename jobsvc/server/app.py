@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc.manager import EngineConfig, JobManager
+from jobsvc.quota import Quota
 from jobsvc.server.audit import AuditLog
 from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
 from jobsvc.server.servicer import JobServicer, add_to_server
@@ -38,6 +39,17 @@ class ServerConfig:
     # calls end, so a vanished client's streams (and its stream quota) are let go of within the sum of the two.
     keepalive_time: float = 40.0
     keepalive_timeout: float = 20.0
+    # A connection that has not finished its TLS handshake by then is closed: silent or slow connections (no TLS,
+    # no certificate) were each held for grpc's default of 120 s, and enough of them took every descriptor.
+    handshake_timeout: float = 5.0
+    # Connections the server holds at once, authenticated or not; past it new ones are closed at accept. None:
+    # half the open-file limit, so the other half stays for jobs' pipes and output and for the state dir.
+    max_connections: int | None = None
+    # Calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, as grpc-go's
+    # MaxConcurrentStreams): a client's further calls wait in the client until one ends.
+    max_calls_per_connection: int = 100
+    # Waits and streaming calls one user holds open at once over all their connections.
+    max_held_calls_per_user: int = 1024
 
 
 # Clients may ping too (to keep a NAT mapping open), but not more often than this while no data flows; a client
@@ -64,6 +76,23 @@ def keepalive_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def connection_options(config: ServerConfig, fd_limit: int) -> list[tuple[str, int]]:
+    """grpc core's channel arguments bounding connections and the calls on each (pre-authentication load)."""
+    limit = config.max_connections if config.max_connections is not None else max(1, fd_limit // 2)
+    log.info(
+        "at most %d connections, %d calls on each, %d held calls per user; TLS handshakes time out after %g s",
+        limit,
+        config.max_calls_per_connection,
+        config.max_held_calls_per_user,
+        config.handshake_timeout,
+    )
+    return [
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", limit),
+        ("grpc.max_concurrent_streams", config.max_calls_per_connection),
+    ]
+
+
 class ListenError(RuntimeError):
     pass
 
@@ -74,13 +103,15 @@ async def build_server(
     """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port)."""
     # The request cap sits above the argv cap, so an oversized argv reaches the engine and gets INVALID_ARGUMENT.
     max_request = max(4 << 20, 2 * config.engine.max_argv_bytes + (64 << 10))
+    held = Quota("concurrent Wait and streaming calls", config.max_held_calls_per_user)
     server = aio.server(
-        interceptors=[ErrorInterceptor(audit), IdentityInterceptor(trust)],
+        interceptors=[ErrorInterceptor(audit), IdentityInterceptor(trust, held)],
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length", max_request),
             ("grpc.max_send_message_length", 4 << 20),
             *keepalive_options(config),
+            *connection_options(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
         ],
     )
     add_to_server(JobServicer(manager), server)

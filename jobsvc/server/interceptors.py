@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import inspect
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from jobsvc.errors import (
     UnavailableError,
 )
 from jobsvc.model import display_arg
+from jobsvc.quota import Quota
 from jobsvc.server.audit import AuditLog
 from jobsvc.server.tls import TrustPolicy
 
@@ -32,6 +34,9 @@ log = logging.getLogger("jobsvc.server")
 request_log = logging.getLogger("jobsvc.request")
 
 JOB_SERVICE_PREFIX = "/jobsvc.v1.JobService/"
+# Unary calls that a client can hold open indefinitely (streaming calls always can): they count toward the per-user
+# quota of held calls. Start, Get, Stop and List end by themselves and are bounded per connection instead.
+HELD_UNARY = frozenset({JOB_SERVICE_PREFIX + "Wait"})
 _identity: contextvars.ContextVar[str] = contextvars.ContextVar("identity")
 
 _CODES: list[tuple[type[JobError], grpc.StatusCode]] = [
@@ -129,20 +134,26 @@ def _rewrap(
     streaming: Callable[[Streaming], Streaming],
     tolerant: bool = False,
 ) -> grpc.RpcMethodHandler:
+    """The same method with its behaviour wrapped: `unary` for a single response, `streaming` for many (the
+    request, one message or an async iterator of them, is passed through)."""
     deserializer = _tolerant(handler.request_deserializer) if tolerant else handler.request_deserializer
+    serializer = handler.response_serializer
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(cast(Unary, handler.unary_unary)), deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary(cast(Unary, handler.unary_unary)), deserializer, serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(cast(Unary, handler.stream_unary)), deserializer, serializer)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            streaming(cast(Streaming, handler.unary_stream)), deserializer, handler.response_serializer
-        )
+        behavior = streaming(cast(Streaming, handler.unary_stream))
+        return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
+    if handler.stream_stream is not None:
+        behavior = streaming(cast(Streaming, handler.stream_stream))
+        return grpc.stream_stream_rpc_method_handler(behavior, deserializer, serializer)
     return handler
 
 
-class _JobServiceInterceptor(aio.ServerInterceptor):
-    """Wraps JobService handlers (health and reflection pass through untouched)."""
+class _CallInterceptor(aio.ServerInterceptor):
+    """Wraps the handlers of every service on the port (JobService, health, reflection alike): a service left out
+    answered revoked, denied and CA certificates, and met malformed requests with a traceback."""
 
     tolerant = False  # whether requests that do not parse reach the wrapper as MalformedRequest
 
@@ -158,64 +169,109 @@ class _JobServiceInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method
-        if handler is None or not method.startswith(JOB_SERVICE_PREFIX):
-            return handler
+        if handler is None:
+            return handler  # no such method: grpc answers UNIMPLEMENTED, and no handler runs
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = _rewrap(handler, *self.wrappers(method), tolerant=self.tolerant)
+        wrapped = _rewrap(handler, *self.wrappers(method, handler), tolerant=self.tolerant)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
+    def wrappers(
+        self, method: str, handler: grpc.RpcMethodHandler
+    ) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
         raise NotImplementedError
 
 
-class IdentityInterceptor(_JobServiceInterceptor):
-    """Every JobService call runs as the caller's certificate Subject; no verified certificate, no call.
+def _held(method: str, handler: grpc.RpcMethodHandler) -> bool:
+    """Calls a client can keep open as long as it likes: Wait, and every streaming call of any service."""
+    return method in HELD_UNARY or handler.request_streaming or handler.response_streaming
 
-    With a TrustPolicy, a revoked certificate is UNAUTHENTICATED and a denied Subject PERMISSION_DENIED.
+
+class IdentityInterceptor(_CallInterceptor):
+    """Every call, to any service, runs as the caller's certificate Subject; no verified certificate, no call.
+
+    With a TrustPolicy, a revoked certificate is UNAUTHENTICATED and a denied Subject PERMISSION_DENIED. With a
+    quota of held calls, a user's concurrent Waits and streaming calls beyond it are RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, trust: TrustPolicy | None = None) -> None:
+    def __init__(self, trust: TrustPolicy | None = None, held_calls: Quota | None = None) -> None:
         super().__init__()
         self._trust = trust
+        self._held_calls = held_calls
 
-    def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
+    def wrappers(
+        self, method: str, handler: grpc.RpcMethodHandler
+    ) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
         trust = self._trust
+        quota = self._held_calls if _held(method, handler) else None
 
-        async def establish(context: aio.ServicerContext) -> None:
+        async def establish(request: Any, context: aio.ServicerContext) -> str:
             cert = peer_cert(context)
             if cert is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a verified client certificate is required")
-                return
+                raise AssertionError("abort returned")  # abort raises; this keeps the type checker sure of it
             if trust is not None:
                 if trust.is_revoked(cert.issuer, cert.serial):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this client certificate is revoked")
                 if trust.is_denied(cert.subject):
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this identity is denied access")
             _identity.set(cert.subject)
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgumentError("malformed request")
+            if quota is not None:
+                quota.take(cert.subject)  # checked and taken in one step; given back in the caller's finally
+            return cert.subject
 
         def unary(behavior: Unary) -> Unary:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
-                await establish(context)
-                return await behavior(request, context)
+                who = await establish(request, context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    if quota is not None:
+                        quota.give_back(who)
 
             return call
 
         def streaming(behavior: Streaming) -> Streaming:
             async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                await establish(context)
-                async with _closing(behavior(request, context)) as items:
-                    async for item in items:
-                        yield item
+                who = await establish(request, context)
+                try:
+                    async with _closing(_responses(behavior, request, context)) as items:
+                        async for item in items:
+                            yield item
+                finally:
+                    if quota is not None:
+                        quota.give_back(who)
 
             return call
 
         return unary, streaming
 
 
-class ErrorInterceptor(_JobServiceInterceptor):
+async def _responses(behavior: Streaming, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    """A streaming handler's responses as one async iterator, whether it yields them (JobService, reflection) or
+    writes them itself with context.write and returns (health's Watch)."""
+    result: Any = behavior(request, context)
+    if inspect.isawaitable(result):
+        await result
+        return
+    async with _closing(result) as items:
+        async for item in items:
+            yield item
+
+
+async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream in which a message that does not parse ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgumentError("malformed request")
+        yield request
+
+
+class ErrorInterceptor(_CallInterceptor):
     """JobError -> its status with its message; anything else -> INTERNAL, generic, traceback in the log.
 
     Also writes the one structured line per request (identity, method, job id, argv for Start, outcome, duration,
@@ -243,7 +299,15 @@ class ErrorInterceptor(_JobServiceInterceptor):
 
     tolerant = True
 
-    def wrappers(self, method: str) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
+    def wrappers(
+        self, method: str, handler: grpc.RpcMethodHandler
+    ) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
+        request_streaming = handler.request_streaming
+
+        def checked(request: Any) -> Any:
+            # A single request that does not parse reaches the identity check as MalformedRequest (the caller is
+            # refused first if it must be); a stream's messages are checked as the handler reads them.
+            return _parsed(request) if request_streaming else request
 
         def unary(behavior: Unary) -> Unary:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
@@ -253,9 +317,7 @@ class ErrorInterceptor(_JobServiceInterceptor):
                 peer = context.peer()
                 outcome, job_id = "OK", getattr(request, "id", "") or None
                 try:
-                    if isinstance(request, MalformedRequest):
-                        raise InvalidArgumentError("malformed request")
-                    response = await behavior(request, context)
+                    response = await behavior(checked(request), context)
                     job_id = job_id or getattr(response, "id", None)
                     return response
                 except BaseException as e:
@@ -276,9 +338,7 @@ class ErrorInterceptor(_JobServiceInterceptor):
                 peer = context.peer()
                 outcome, sent = "OK", 0
                 try:
-                    if isinstance(request, MalformedRequest):
-                        raise InvalidArgumentError("malformed request")
-                    async with _closing(behavior(request, context)) as items:
+                    async with _closing(_responses(behavior, checked(request), context)) as items:
                         async for item in items:
                             sent += len(item) if isinstance(item, bytes) else item.ByteSize()
                             yield item
@@ -326,7 +386,8 @@ def _request_entry(
     started: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    name = method.rsplit("/", 1)[-1]
+    # JobService's methods by their own names (as ever); other services' by service and method
+    name = method.removeprefix(JOB_SERVICE_PREFIX).lstrip("/")
     entry: dict[str, Any] = {"identity": _identity.get(None), "method": name, "job_id": job_id}
     if name == "Start":
         entry["argv"] = [display_arg(a) for a in getattr(request, "argv", ())]

@@ -145,7 +145,10 @@ def serve_command(keys: Pki, listen: str, state: Path, work_root: Path) -> list[
     ]
 
 
-def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> Server:
+    """A server on a free port; prefix runs before it and must exec it (e.g. prlimit), so the pid is the server's."""
     state = tmp / "state"
     log_path = tmp / "server.log"
     n = 1
@@ -155,7 +158,7 @@ def start_server(tmp: Path, keys: Pki, *args: str, env: dict[str, str] | None = 
     # jobs' working directories must be enterable by their own uids, so not under pytest's private tmp
     work_root = Path(tempfile.mkdtemp(prefix="jobsvc-test-", dir="/var/tmp"))
     proc = subprocess.Popen(
-        [*serve_command(keys, "127.0.0.1:0", state, work_root), *args],
+        [*prefix, *serve_command(keys, "127.0.0.1:0", state, work_root), *args],
         stdout=subprocess.PIPE,
         env=env,
         stderr=log_path.open("wb"),
