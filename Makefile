@@ -36,7 +36,8 @@ unit-test: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 system-test: $(STAMP)
-	$(DELEGATE) $(PY) -m pytest -q tests/system
+	@# -rs: a skipped system test says why (not root, no cgroups), e.g. when `make test` runs as another user
+	$(DELEGATE) $(PY) -m pytest -q -rs tests/system
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
