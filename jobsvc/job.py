@@ -171,6 +171,11 @@ class Job:
         return self.limits.pids is not None and self.group.pids_limit_hits() > 0
 
     @property
+    def output_bytes(self) -> int:
+        """The output it keeps on disk (retention's measure)."""
+        return self.output.size - self.output.start
+
+    @property
     def ended(self) -> bool:
         return self.status.ended
 

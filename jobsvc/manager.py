@@ -28,6 +28,7 @@ from jobsvc.limits import LimitPolicy, resolve_devices, validate
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
 from jobsvc.quota import Quota
+from jobsvc.retention import EndedJobs, Policy
 from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
 from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
@@ -127,6 +128,11 @@ class JobManager:
         self._store = store
         self._clock = clock
         self._jobs: Catalog[Job] = Catalog()
+        self._live: dict[str, Job] = {}  # the running jobs (their output still grows)
+        self._ended: EndedJobs[Job] = EndedJobs()  # the ended ones, in the order they ended (retention)
+        self._policy = Policy(
+            config.keep_finished_seconds, config.keep_finished_per_user, config.max_total_output_bytes
+        )
         self._authz = Authz(config.admins)
         self._fixed_user = named_user(config.job_user) if config.job_user is not None else None
         self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
@@ -206,6 +212,9 @@ class JobManager:
             self._save(record)
             restored.append(Job.restore(record, group, output))
         self._jobs.extend(restored)
+        epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+        for job in sorted(restored, key=lambda j: j.ended_at or epoch):
+            self._ended.add(job)
         for orphan in set(self._driver.existing()) - known:
             log.warning("removing cgroup of unknown job %s", orphan)
             group = self._driver.open(orphan)
@@ -217,6 +226,8 @@ class JobManager:
 
     def _add(self, job: Job) -> None:
         self._jobs.add(job)
+        if not job.ended:
+            self._live[job.id] = job
 
     @property
     def instance_groups(self) -> list[Path]:
@@ -444,6 +455,8 @@ class JobManager:
 
     async def _on_end(self, job: Job) -> None:
         await job.wait()
+        self._live.pop(job.id, None)
+        self._ended.add(job)  # retention's turn from now on
         # The group is empty, so no process holds the uid any more; nothing it left may stay reachable by it.
         self._work.retire(job.id)
         self._release_user(self._users.pop(job.id))
@@ -580,42 +593,25 @@ class JobManager:
             job = self._jobs.get(record.id)
             self._save(job.record() if job is not None and job.ended else record)
         cfg = self.config
-        now = self._clock()
-        ended = sorted((j for j in self._jobs if j.ended), key=lambda j: j.ended_at or now)
-        doomed: dict[str, Job] = {}
-        if cfg.keep_finished_seconds is not None:
-            for j in ended:
-                if j.ended_at is not None and (now - j.ended_at).total_seconds() > cfg.keep_finished_seconds:
-                    doomed[j.id] = j
-        if cfg.keep_finished_per_user is not None:
-            by_owner: dict[str, list[Job]] = {}
-            for j in ended:
-                by_owner.setdefault(j.owner, []).append(j)
-            for jobs in by_owner.values():
-                for j in jobs[: max(0, len(jobs) - cfg.keep_finished_per_user)]:
-                    doomed[j.id] = j
+        live = [j for j in self._live.values() if not j.ended]
+        live_bytes = sum(j.output_bytes for j in live)
+        doomed = self._ended.select(self._policy, self._clock(), live_bytes)
         if cfg.max_total_output_bytes is not None:
-            total = sum(j.output.size - j.output.start for j in self._jobs if j.id not in doomed)
-            for j in ended:
-                if total <= cfg.max_total_output_bytes:
-                    break
-                if j.id not in doomed:
-                    doomed[j.id] = j
-                    total -= j.output.size - j.output.start
+            total = self._ended.total_bytes + live_bytes - sum(j.output_bytes for j in doomed)
             while total > cfg.max_total_output_bytes:  # only running jobs are left: drop their oldest output
-                live = [j for j in self._jobs if not j.ended]
                 freed = max((j.output for j in live), key=lambda o: o.size - o.start, default=None)
                 dropped = freed.drop_oldest_segment() if freed is not None else 0
                 if not dropped:
                     break
                 total -= dropped
-        for j in doomed.values():
+        for j in doomed:
             if j.output.readers == 0:  # a job being streamed is removed on a later round
                 self._remove(j)
 
     def _remove(self, job: Job) -> None:
         """Forget an ended job: its record, output and working directory."""
         self._jobs.remove(job)
+        self._ended.discard(job)
         self._unsaved.pop(job.id, None)
         self._unsaved_why.pop(job.id, None)
         job.output.close()

@@ -503,3 +503,35 @@ def test_records_a_full_disk_refused_at_shutdown_are_reported_and_fail_the_exit(
         record = again.stub().Get(pb.GetRequest(id=job_id))
         assert record.status == pb.JOB_STATUS_STOPPED and record.reason == "server restarted"
     assert again.stop() == 0
+
+
+def test_retention_removes_the_oldest_ended_jobs_with_their_files(
+    tmp_path: Path, keys: Pki, cleanup: list[Server]
+) -> None:
+    server = start_server(tmp_path, keys, "--keep-finished", "3", "--max-total-output", "5M")
+    cleanup.append(server)
+    stub, bob = server.stub(), server.stub("bob")
+    big = []
+    for _ in range(3):  # bob: 2 MiB each, more than 5 MiB in all: the oldest ended job goes
+        job = bob.Start(pb.StartRequest(argv=[b"head", b"-c", b"2M", b"/dev/zero"]))
+        bob.Wait(pb.GetRequest(id=job.id))
+        big.append(job.id)
+    mine = []
+    for _ in range(6):  # alice: six small jobs, of which her newest three stay
+        job = stub.Start(pb.StartRequest(argv=[b"echo", b"hi"]))
+        stub.Wait(pb.GetRequest(id=job.id))
+        mine.append(job.id)
+
+    def listed(stub: object) -> list[str]:
+        return [j.id for j in stub.List(pb.ListRequest()).jobs]  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + 30
+    while (listed(stub) != mine[3:] or listed(bob) != big[1:]) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the janitor runs every 2 s
+    assert listed(stub) == mine[3:]
+    assert listed(bob) == big[1:]
+    for gone in [*mine[:3], big[0]]:
+        assert not (server.state_dir / "jobs" / gone).exists()
+        assert not (server.work_root / gone).exists()
+    for kept in [*mine[3:], *big[1:]]:
+        assert (server.state_dir / "jobs" / kept / "record.json").exists()

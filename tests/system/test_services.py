@@ -127,7 +127,7 @@ GARBAGE = [b"\x0a\xff", b"\xff\xff\xff\xff", b"\x08\x80\x80\x80\x80\x80\x80\x80\
 
 
 def test_malformed_requests_to_any_service_are_invalid_argument_without_a_traceback(guarded: Server) -> None:
-    before = guarded.log().count("\n")
+    before = len(guarded.log())
     calls = 0
     with channel_as(guarded, "alice") as channel:
         for data in GARBAGE:
@@ -143,9 +143,11 @@ def test_malformed_requests_to_any_service_are_invalid_argument_without_a_traceb
         assert (
             raw_call(channel, "/jobsvc.v1.JobService/List", pb.ListRequest().SerializeToString()) == grpc.StatusCode.OK
         )
-    log = guarded.log()
+    log = guarded.log()[before:]
     assert "Traceback" not in log
-    assert log.count("\n") - before <= calls + 2, "more than one log line per malformed call"
+    # the lines about these calls (other lines, such as an earlier test's job ending, may come meanwhile)
+    about = [line for line in log.splitlines() if "INVALID_ARGUMENT" in line or " WARNING " in line or " ERROR " in line]
+    assert len(about) <= calls, f"more than one log line per malformed call: {len(about)} for {calls}"
 
 
 # -- load before authentication and per user ----------------------------------------------------------------------
