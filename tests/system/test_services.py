@@ -146,7 +146,7 @@ def test_malformed_requests_to_any_service_are_invalid_argument_without_a_traceb
     log = guarded.log()[before:]
     assert "Traceback" not in log
     # the lines about these calls (other lines, such as an earlier test's job ending, may come meanwhile)
-    about = [line for line in log.splitlines() if "INVALID_ARGUMENT" in line or " WARNING " in line or " ERROR " in line]
+    about = [x for x in log.splitlines() if "INVALID_ARGUMENT" in x or " WARNING " in x or " ERROR " in x]
     assert len(about) <= calls, f"more than one log line per malformed call: {len(about)} for {calls}"
 
 
