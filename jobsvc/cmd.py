@@ -177,6 +177,13 @@ def main() -> None:
     help="Output kept in the state dir; past it the oldest ended jobs are removed first.",
 )
 @click.option(
+    "--max-output-per-user",
+    type=SIZE,
+    help="Output one user's jobs keep in the state dir; past it their oldest ended jobs go, and while that is not "
+    "enough their new output is dropped (counted as lost), so no user fills the disk for the others. "
+    "[default: a quarter of the smaller of --max-total-output and the state dir's disk]",
+)
+@click.option(
     "--keep-finished",
     default=1000,
     show_default=True,
@@ -266,6 +273,7 @@ def serve(
     max_streams_per_user: int,
     max_output: int,
     max_total_output: int,
+    max_output_per_user: int | None,
     keep_finished: int,
     keep_finished_for: float,
     crl: Path | None,
@@ -309,6 +317,7 @@ def serve(
         max_streams_per_user=max_streams_per_user,
         max_output_bytes=max_output,
         max_total_output_bytes=max_total_output,
+        max_output_per_user=max_output_per_user,
         keep_finished_per_user=keep_finished,
         keep_finished_seconds=keep_finished_for,
         deny_env=frozenset(deny_env),

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
+from jobsvc.budget import Budget
 from jobsvc.cgroups.base import JobGroup
 from jobsvc.cgroups.kill import KILL_TIMEOUT
 from jobsvc.model import ExitInfo, JobRecord, Limits, Usage
@@ -33,6 +34,7 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+_NO_BUDGET = Budget(None)  # for jobs outside any user's share (restored ones write nothing)
 _DONE = asyncio.Event()  # the set event every restored job shares: waiting on it returns at once
 _DONE.set()
 
@@ -42,7 +44,7 @@ class Job:
 
     # a server keeps every ended job until retention: 50,000 of them held 15 MB of instance dicts alone
     __slots__ = (
-        "_clock", "_deadline", "_ended", "_live", "_open_pipes", "_persist", "_pipes_done", "_stop_deadline",
+        "_budget", "_clock", "_deadline", "_ended", "_live", "_open_pipes", "_persist", "_pipes_done", "_stop_deadline",
         "_stop_reason", "_stopping", "_supervisor", "_timeout_task", "_usage_at", "argv", "ended_at", "exit",
         "group", "id", "limits", "oom_killed", "output", "owner", "pid", "pids_limit_hit", "reason", "started_at",
         "status", "timeout_grace", "timeout_seconds", "uid", "usage", "workdir",
@@ -63,6 +65,7 @@ class Job:
         timeout: float | None = None,
         timeout_grace: float = 5.0,
         ended: bool = False,
+        budget: Budget | None = None,
     ) -> None:
         self.id = job_id
         self.owner = owner
@@ -71,6 +74,7 @@ class Job:
         self.group = group
         self.output = output
         self._clock = clock
+        self._budget = budget if budget is not None else _NO_BUDGET
         self._persist = persist
         self.status = JobStatus.RUNNING
         self.started_at = clock()
@@ -210,10 +214,15 @@ class Job:
         # readers send what just arrived while the job refills the pipe. A batch kept a fast writer's output from
         # them for ~12 ms at a time (1 live jobctl client: 327-368 MiB/s; 424-432 one splice at a time).
         batch = 1 if self.output.readers else _BATCH
+        budget, start = self._budget, self.output.start
         try:
             for _ in range(batch):
                 try:
-                    n = self.output.splice_from(tag, fd, PIPE_SIZE)
+                    if budget.over:  # this user's share of the state dir is full: never anyone else's room
+                        n = self._discard(fd, None)
+                    else:
+                        n = self.output.splice_from(tag, fd, PIPE_SIZE)
+                        budget.used += n
                 except BlockingIOError:
                     break
                 except OSError as e:  # the state dir's disk refused: keep the job unblocked, count the loss
@@ -223,15 +232,17 @@ class Job:
                     break
         finally:
             self.output.notify()
+            budget.used -= self.output.start - start  # what the per-job cap just dropped
 
-    def _discard(self, fd: int, err: OSError) -> int:
+    def _discard(self, fd: int, err: OSError | None) -> int:
         try:
             data = os.read(fd, PIPE_SIZE)
         except BlockingIOError:
             return -1
         if data:
             if self.output.lost_bytes == 0:
-                log.error("job %s: output lost (%s)", self.id, err)
+                why = err if err is not None else f"{self.owner}'s share of the state dir is full"
+                log.error("job %s: output lost (%s)", self.id, why)
             self.output.skip_lost(len(data))  # readers see the gap where it is
         return len(data)
 

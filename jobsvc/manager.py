@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobsvc.authz import Authz
+from jobsvc.budget import Budget
 from jobsvc.catalog import Catalog
 from jobsvc.cgroups.base import ENDED, CgroupDriver, detect
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
@@ -69,6 +70,8 @@ class EngineConfig:
     max_streams_per_user: int = 512
     max_output_bytes: int | None = 1 << 30  # per job; the oldest output is dropped past it
     max_total_output_bytes: int | None = 10 << 30  # the whole state dir
+    # one user's output at most; None: a quarter of the smaller of max_total_output_bytes and the state disk
+    max_output_per_user: int | None = None
     keep_finished_per_user: int | None = 1000
     keep_finished_seconds: float | None = 7 * 24 * 3600.0
     min_free_bytes: int = 8 << 20  # Start is refused when the state dir's disk has less free
@@ -133,6 +136,8 @@ class JobManager:
         self._policy = Policy(
             config.keep_finished_seconds, config.keep_finished_per_user, config.max_total_output_bytes
         )
+        self._budgets: dict[str, Budget] = {}
+        self._share = user_share(config, store.root)
         self._authz = Authz(config.admins)
         self._fixed_user = named_user(config.job_user) if config.job_user is not None else None
         self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
@@ -212,6 +217,8 @@ class JobManager:
             self._save(record)
             restored.append(Job.restore(record, group, output))
         self._jobs.extend(restored)
+        for job in restored:
+            self._budget(job.owner).used += job.output_bytes
         epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
         for job in sorted(restored, key=lambda j: j.ended_at or epoch):
             self._ended.add(job)
@@ -223,6 +230,12 @@ class JobManager:
         if records or self.skipped:
             log.info("state dir: %d jobs restored, %d entries skipped", len(records), len(self.skipped))
         self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
+
+    def _budget(self, owner: str) -> Budget:
+        budget = self._budgets.get(owner)
+        if budget is None:
+            budget = self._budgets[owner] = Budget(self._share)
+        return budget
 
     def _add(self, job: Job) -> None:
         self._jobs.add(job)
@@ -417,6 +430,7 @@ class JobManager:
                 workdir=workdir or str(fresh_dir),
                 timeout=timeout,
                 timeout_grace=self.config.default_grace,
+                budget=self._budget(owner),
             )
             if not self._spawner.alive:
                 # Its jobs lost their parent (they are being killed); new jobs get a new helper.
@@ -595,14 +609,16 @@ class JobManager:
         cfg = self.config
         live = [j for j in self._live.values() if not j.ended]
         live_bytes = sum(j.output_bytes for j in live)
-        doomed = self._ended.select(self._policy, self._clock(), live_bytes)
+        excess = {owner: b.excess for owner, b in self._budgets.items() if b.over}
+        doomed = self._ended.select(self._policy, self._clock(), live_bytes, excess)
         if cfg.max_total_output_bytes is not None:
             total = self._ended.total_bytes + live_bytes - sum(j.output_bytes for j in doomed)
             while total > cfg.max_total_output_bytes:  # only running jobs are left: drop their oldest output
-                freed = max((j.output for j in live), key=lambda o: o.size - o.start, default=None)
-                dropped = freed.drop_oldest_segment() if freed is not None else 0
-                if not dropped:
+                heaviest = max(live, key=lambda j: j.output_bytes, default=None)
+                dropped = heaviest.output.drop_oldest_segment() if heaviest is not None else 0
+                if not dropped or heaviest is None:
                     break
+                self._budget(heaviest.owner).used -= dropped
                 total -= dropped
         for j in doomed:
             if j.output.readers == 0:  # a job being streamed is removed on a later round
@@ -612,6 +628,7 @@ class JobManager:
         """Forget an ended job: its record, output and working directory."""
         self._jobs.remove(job)
         self._ended.discard(job)
+        self._budget(job.owner).used -= job.output_bytes
         self._unsaved.pop(job.id, None)
         self._unsaved_why.pop(job.id, None)
         job.output.close()
@@ -696,6 +713,18 @@ def _outcome(record: JobRecord) -> str:
         how = f"exit {record.exit_code}" if record.signal is None else f"signal {record.signal}"
         text = f"{text}, {how}" if record.reason else f"{text} ({how})"
     return text
+
+
+def user_share(config: EngineConfig, state_dir: Path) -> int | None:
+    """How much output one user may keep: the configured share, or a quarter of the smaller of the total cap and
+    the state dir's disk (so that one user's jobs leave three quarters of it to the others)."""
+    if config.max_output_per_user is not None:
+        return config.max_output_per_user
+    caps = [c for c in (config.max_total_output_bytes,) if c is not None]
+    with contextlib.suppress(OSError):
+        st = os.statvfs(state_dir)
+        caps.append(st.f_blocks * st.f_frsize)
+    return min(caps) // 4 if caps else None
 
 
 def _spawn_error(name: bytes, e: SpawnError, workdir: str | None) -> Exception:

@@ -9,6 +9,7 @@ kept jobs there held every call 80-100 ms.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -67,9 +68,18 @@ class EndedJobs(Generic[E]):
             del self._owners[job.owner]
         self.total_bytes -= job.output_bytes
 
-    def select(self, policy: Policy, now: dt.datetime, live_bytes: int = 0) -> list[E]:
-        """The jobs the policy removes now, oldest ended first. live_bytes: what running jobs keep."""
+    def select(
+        self, policy: Policy, now: dt.datetime, live_bytes: int = 0, user_excess: Mapping[str, int] | None = None
+    ) -> list[E]:
+        """The jobs the policy removes now, oldest ended first. live_bytes: what running jobs keep; user_excess:
+        how far over their share of the output each user is (their oldest ended jobs go until it fits)."""
         doomed: dict[str, E] = {}
+        for owner, excess in (user_excess or {}).items():
+            for job in self._owners.get(owner, {}).values():
+                if excess <= 0:
+                    break
+                doomed[job.id] = job
+                excess -= job.output_bytes
         if policy.keep_seconds is not None:
             cutoff = now - dt.timedelta(seconds=policy.keep_seconds)
             for job in self._order.values():

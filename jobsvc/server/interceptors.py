@@ -297,6 +297,10 @@ class ErrorInterceptor(_CallInterceptor):
         if self._audit is not None:
             self._audit.write(line)  # serialized once for both logs
 
+    def _check_audit(self) -> None:
+        if self._audit is not None and not self._audit.accepting:
+            raise UnavailableError("the server cannot write its audit log (its disk is full); try again later")
+
     tolerant = True
 
     def wrappers(
@@ -317,6 +321,7 @@ class ErrorInterceptor(_CallInterceptor):
                 peer = context.peer()
                 outcome, job_id = "OK", getattr(request, "id", "") or None
                 try:
+                    self._check_audit()
                     response = await behavior(checked(request), context)
                     job_id = job_id or getattr(response, "id", None)
                     return response
@@ -338,6 +343,7 @@ class ErrorInterceptor(_CallInterceptor):
                 peer = context.peer()
                 outcome, sent = "OK", 0
                 try:
+                    self._check_audit()
                     async with _closing(_responses(behavior, checked(request), context)) as items:
                         async for item in items:
                             sent += len(item) if isinstance(item, bytes) else item.ByteSize()

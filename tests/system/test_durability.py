@@ -535,3 +535,53 @@ def test_retention_removes_the_oldest_ended_jobs_with_their_files(
         assert not (server.work_root / gone).exists()
     for kept in [*mine[3:], *big[1:]]:
         assert (server.state_dir / "jobs" / kept / "record.json").exists()
+
+
+def test_one_users_output_cannot_fill_the_disk_for_the_others(small_fs: Path, keys: Pki, cleanup: list[Server]) -> None:
+    # a 48 MiB state dir: each user's share is a quarter of it (the default); alice's job writes 100 MB
+    server = start_server(small_fs, keys)
+    cleanup.append(server)
+    alice, bob = server.stub("alice"), server.stub("bob")
+    hog = alice.Start(pb.StartRequest(argv=[b"head", b"-c", b"100M", b"/dev/zero"]))
+    done = alice.Wait(pb.GetRequest(id=hog.id), timeout=120)
+    assert done.exit_code == 0  # never blocked
+    share = shutil.disk_usage(small_fs).total // 4
+    kept = done.output_bytes - done.output_lost_bytes
+    assert kept <= share + (1 << 20) and done.output_lost_bytes >= (100 << 20) - share - (1 << 20)
+    assert "share of the state dir is full" in server.log()
+    # bob is not starved: his Start works and his output is whole
+    job = bob.Start(pb.StartRequest(argv=[b"sh", b"-c", b"head -c 4M /dev/zero; echo bob-was-here"]))
+    data = b"".join(m.data for m in bob.Stream(pb.StreamRequest(id=job.id), timeout=60))
+    assert data == b"\0" * (4 << 20) + b"bob-was-here\n"
+    again = alice.Start(pb.StartRequest(argv=[b"echo", b"alice-again"]))  # nor is alice locked out
+    assert alice.Wait(pb.GetRequest(id=again.id), timeout=60).exit_code == 0
+
+
+def test_a_full_disk_does_not_cost_the_audit_trail_a_line(small_fs: Path, keys: Pki, cleanup: list[Server]) -> None:
+    server = start_server(small_fs, keys)
+    cleanup.append(server)
+    stub = server.stub()
+    job = stub.Start(pb.StartRequest(argv=[b"true"]))
+    stub.Wait(pb.GetRequest(id=job.id))
+    audit = server.state_dir / "audit.log"
+    before = len(audit.read_text().splitlines())
+    with open(small_fs / "filler", "wb") as f:  # every free block of the state dir's disk, taken by another program
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    ok = refused = 0
+    for _ in range(100):  # each ~200 bytes of audit line: far more than a partly filled last block holds
+        try:
+            stub.Get(pb.GetRequest(id=job.id))
+            ok += 1
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and "audit log" in (e.details() or "")
+            refused += 1
+    lines = audit.read_text().splitlines()[before:]
+    assert len([line for line in lines if '"method": "Get"' in line and '"OK"' in line]) == ok == 100 - refused
+    assert ok > 0  # the reserve (about 20,000 lines) took them all
