@@ -218,7 +218,7 @@ class Job:
         try:
             for _ in range(batch):
                 try:
-                    if budget.over:  # this user's share of the state dir is full: never anyone else's room
+                    if budget.over and budget.full():  # this user's share is full: never anyone else's room
                         n = self._discard(fd, None)
                     else:
                         n = self.output.splice_from(tag, fd, PIPE_SIZE)

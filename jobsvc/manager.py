@@ -234,8 +234,15 @@ class JobManager:
     def _budget(self, owner: str) -> Budget:
         budget = self._budgets.get(owner)
         if budget is None:
-            budget = self._budgets[owner] = Budget(self._share)
+            budget = self._budgets[owner] = Budget(self._share, functools.partial(self._reclaim, owner))
         return budget
+
+    def _reclaim(self, owner: str) -> None:
+        """Remove owner's oldest ended jobs until their output fits their share (the capture asks, on the loop)."""
+        excess = self._budget(owner).excess
+        for job in self._ended.select(Policy(), self._clock(), user_excess={owner: excess}):
+            if job.output.readers == 0:
+                self._remove(job)
 
     def _add(self, job: Job) -> None:
         self._jobs.add(job)

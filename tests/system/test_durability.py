@@ -253,7 +253,7 @@ def small_state_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_loses_output_but_never_blocks_jobs(small_fs: Path, keys: Pki, cleanup: list[Server]) -> None:
-    server = start_server(small_fs, keys)
+    server = start_server(small_fs, keys, "--max-output-per-user", "1G")  # the disk, not a user's share, is full
     cleanup.append(server)
     filler = small_fs / "filler"
     free = shutil.disk_usage(small_fs).free
@@ -287,7 +287,7 @@ def test_a_full_disk_loses_output_but_never_blocks_jobs(small_fs: Path, keys: Pk
 def test_output_lost_on_a_full_disk_is_a_gap_jobctl_reports_where_it_is(
     small_fs: Path, keys: Pki, cleanup: list[Server]
 ) -> None:
-    server = start_server(small_fs, keys)
+    server = start_server(small_fs, keys, "--max-output-per-user", "1G")  # the disk, not a user's share, is full
     cleanup.append(server)
     filler = small_fs / "filler"
     with open(filler, "wb") as f:
@@ -508,7 +508,9 @@ def test_records_a_full_disk_refused_at_shutdown_are_reported_and_fail_the_exit(
 def test_retention_removes_the_oldest_ended_jobs_with_their_files(
     tmp_path: Path, keys: Pki, cleanup: list[Server]
 ) -> None:
-    server = start_server(tmp_path, keys, "--keep-finished", "3", "--max-total-output", "5M")
+    server = start_server(
+        tmp_path, keys, "--keep-finished", "3", "--max-total-output", "5M", "--max-output-per-user", "5M"
+    )
     cleanup.append(server)
     stub, bob = server.stub(), server.stub("bob")
     big = []
@@ -553,8 +555,10 @@ def test_one_users_output_cannot_fill_the_disk_for_the_others(small_fs: Path, ke
     job = bob.Start(pb.StartRequest(argv=[b"sh", b"-c", b"head -c 4M /dev/zero; echo bob-was-here"]))
     data = b"".join(m.data for m in bob.Stream(pb.StreamRequest(id=job.id), timeout=60))
     assert data == b"\0" * (4 << 20) + b"bob-was-here\n"
-    again = alice.Start(pb.StartRequest(argv=[b"echo", b"alice-again"]))  # nor is alice locked out
-    assert alice.Wait(pb.GetRequest(id=again.id), timeout=60).exit_code == 0
+    # nor is alice locked out: her oldest ended job makes room at once, and her new output is whole
+    again = alice.Start(pb.StartRequest(argv=[b"echo", b"alice-again"]))
+    assert b"".join(m.data for m in alice.Stream(pb.StreamRequest(id=again.id), timeout=60)) == b"alice-again\n"
+    assert hog.id not in [j.id for j in alice.List(pb.ListRequest()).jobs]
 
 
 def test_a_full_disk_does_not_cost_the_audit_trail_a_line(small_fs: Path, keys: Pki, cleanup: list[Server]) -> None:
