@@ -51,7 +51,12 @@ def outcome(r: JobRecord) -> str:
     """'running', 'finished (exit 0)', 'stopped (SIGTERM)', 'finished (SIGKILL, out of memory)'."""
     if r.status is JobStatus.RUNNING:
         return "running"
-    how = f"exit {r.exit_code}" if r.signal is None else signal_name(r.signal)
+    if r.signal is not None:
+        how = signal_name(r.signal)
+    elif r.exit_code is not None:
+        how = f"exit {r.exit_code}"
+    else:  # ended while no server watched it (a crash, then a restart): how is not known
+        how = "exit status unknown"
     if r.oom_killed:
         how += ", out of memory"
     return f"{r.status.value} ({how})"

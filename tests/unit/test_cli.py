@@ -479,3 +479,11 @@ def test_client_constants_match_the_engine() -> None:
 
     assert main.MIN_PREFIX == manager.MIN_PREFIX
     assert main.MAX_PIDS == limits.MAX_PIDS
+
+
+def test_an_end_no_server_saw_says_so_rather_than_exit_none() -> None:
+    restarted = record(status=JobStatus.STOPPED, reason="server restarted", ended_at=NOW, exit_code=None, signal=None)
+    assert render.outcome(restarted) == "stopped (exit status unknown)"
+    assert "None" not in render.record_text(restarted, NOW) and "None" not in render.table([restarted], NOW)
+    assert render.outcome(record(status=JobStatus.FINISHED, ended_at=NOW, exit_code=0)) == "finished (exit 0)"
+    assert render.outcome(record(status=JobStatus.STOPPED, ended_at=NOW, signal=15)) == "stopped (SIGTERM)"
