@@ -9,6 +9,7 @@ import pytest
 from jobsvc.cgroups.base import CgroupSetupError
 from jobsvc.cgroups.v1 import REQUIRED, V1Driver, find_hierarchies
 from jobsvc.model import IoLimit, Limits
+from tests.unit import cgroupfs
 
 MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -61,19 +62,10 @@ def test_joint_cpu_cpuacct_mount_is_one_hierarchy(tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def cgroupfs_rmdir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On cgroupfs rmdir takes a group with its control files; a plain directory needs them removed first."""
-    import shutil
-
     from jobsvc.cgroups import fs, v1
 
-    def remove_dir(path: Path) -> bool:
-        if path.exists() and any(p.is_dir() for p in path.iterdir()):
-            return False
-        shutil.rmtree(path, ignore_errors=True)
-        return True
-
-    monkeypatch.setattr(v1, "remove_dir", remove_dir)
-    monkeypatch.setattr(fs, "remove_dir", remove_dir)
+    monkeypatch.setattr(v1, "remove_dir", cgroupfs.remove_dir)
+    monkeypatch.setattr(fs, "remove_dir", cgroupfs.remove_dir)
 
 
 def make_driver(tmp_path: Path, shared_cpu: bool = False) -> V1Driver:

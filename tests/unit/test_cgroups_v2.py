@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -16,22 +15,15 @@ from jobsvc.cgroups.kill import freeze_kill_thaw
 from jobsvc.cgroups.v2 import V2Driver, find_unified, started_in
 from jobsvc.errors import InvalidArgumentError
 from jobsvc.model import IoLimit, Limits
+from tests.unit import cgroupfs
 
 MY_PID = 4242
 
 
 @pytest.fixture(autouse=True)
 def cgroupfs_rmdir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On cgroupfs rmdir takes a group with its control files; a plain directory needs them removed first."""
-
-    def remove_dir(path: Path) -> bool:
-        if path.exists() and any(p.is_dir() for p in path.iterdir()):
-            return False
-        shutil.rmtree(path, ignore_errors=True)
-        return True
-
-    monkeypatch.setattr(fs, "remove_dir", remove_dir)
-    monkeypatch.setattr(v2, "remove_dir", remove_dir)
+    monkeypatch.setattr(fs, "remove_dir", cgroupfs.remove_dir)
+    monkeypatch.setattr(v2, "remove_dir", cgroupfs.remove_dir)
 
 
 def make_own(tmp_path: Path, controllers: str = "cpuset cpu io memory hugetlb pids rdma misc", procs: str = "") -> Path:
