@@ -1,7 +1,9 @@
 #!/bin/bash
 # Install jobsvc in the guest from the host-built wheelhouse (the guest has no network), create a
-# dev PKI, run `jobsvc serve` as a systemd service and put a `jobctl` on PATH that talks to it.
+# dev PKI, run `jobsvc serve` as a systemd service from the shipped unit file
+# (contrib/systemd/jobsvc.service, synced to /vagrant) and put a `jobctl` on PATH that talks to it.
 # Idempotent: `vagrant provision` re-installs the project and restarts the service.
+# JOBSVC_CGROUP (v1 | v2, set by the Vagrantfile) is the hierarchy the guest must have booted with.
 set -euo pipefail
 
 WHEELHOUSE=/var/cache/jobsvc-wheelhouse
@@ -9,11 +11,34 @@ VENV=/opt/jobsvc/venv
 PKI=/etc/jobsvc/pki
 LISTEN=127.0.0.1:50051
 CLIENT_USER=vagrant
+UNIT=/vagrant/contrib/systemd/jobsvc.service
+CGROUP=${JOBSVC_CGROUP:-v1}
 
 fail() { echo "provision: $*" >&2; exit 1; }
 
-grep -q 'systemd.unified_cgroup_hierarchy=0' /proc/cmdline \
-    || fail "the guest is not booted with cgroup v1 (kernel cmdline: $(cat /proc/cmdline))"
+fstype=$(stat -f -c %T /sys/fs/cgroup)
+case "$CGROUP" in
+v1)
+    grep -q 'systemd.unified_cgroup_hierarchy=0' /proc/cmdline \
+        || fail "the guest is not booted with cgroup v1 (kernel cmdline: $(cat /proc/cmdline))"
+    [ "$fstype" = tmpfs ] || fail "cgroup v1 requested, but /sys/fs/cgroup is $fstype"
+    ;;
+v2)
+    family=$(cat /sys/class/dmi/id/product_family 2>/dev/null || true)
+    [ "$fstype" = cgroup2fs ] || fail "cgroup v2 requested, but /sys/fs/cgroup is $fstype (SMBIOS system family" \
+        "'$family', which grub reads to pick the v2 entry; kernel cmdline: $(cat /proc/cmdline))"
+    controllers=$(cat /sys/fs/cgroup/cgroup.controllers)
+    for c in cpu memory io pids; do
+        [[ " $controllers " == *" $c "* ]] || fail "cgroup v2: controller $c missing from /sys/fs/cgroup (has: $controllers)"
+    done
+    ;;
+*) fail "JOBSVC_CGROUP=$CGROUP: want v1 or v2" ;;
+esac
+echo "provision: booted with cgroup $CGROUP (/sys/fs/cgroup is $fstype)"
+[ -f "$UNIT" ] || fail "no unit file at $UNIT: is the repo synced to /vagrant?"
+for want in "$VENV/bin/jobsvc serve" "--listen $LISTEN" "$PKI/ca.pem" "Delegate=yes"; do
+    grep -qF -- "$want" "$UNIT" || fail "$UNIT does not have '$want': this script and the unit file disagree"
+done
 [ -f "$WHEELHOUSE/requirements.txt" ] \
     || fail "no wheelhouse at $WHEELHOUSE: run the harness (make vm-test) or set JOBSVC_WHEELHOUSE"
 
@@ -63,25 +88,8 @@ exec $VENV/bin/jobctl "\$@"
 WRAPPER
 chmod 0755 /usr/local/bin/jobctl
 
-cat > /etc/systemd/system/jobsvc.service <<UNIT
-[Unit]
-Description=jobsvc job service (dev PKI, $LISTEN)
-After=network.target
-
-[Service]
-ExecStart=$VENV/bin/jobsvc serve --listen $LISTEN --state-dir /var/lib/jobsvc \\
-    --ca-cert $PKI/ca.pem --server-cert $PKI/server.pem --server-key $PKI/server-key.pem
-StateDirectory=jobsvc
-StateDirectoryMode=0700
-# jobsvc creates its jobs' groups beneath its own: systemd must leave those sub-groups alone.
-Delegate=yes
-LimitNOFILE=65536
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target
-UNIT
+echo "provision: installing $UNIT as jobsvc.service"
+install -m 0644 "$UNIT" /etc/systemd/system/jobsvc.service
 
 systemctl daemon-reload
 systemctl enable --quiet jobsvc.service
