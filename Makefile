@@ -84,8 +84,9 @@ $(VM_STAMP): vm/requirements.txt
 vm-box: $(VM_STAMP)
 	$(VM_VENV)/bin/python vm/harness.py box
 
+# CGROUP=v2 (or JOBSVC_VM_CGROUP=v2): the same box booted with the unified hierarchy; v1 by default
 vm-test: $(VM_STAMP)
-	$(VM_VENV)/bin/python vm/harness.py test
+	JOBSVC_VM_CGROUP=$(or $(CGROUP),$(JOBSVC_VM_CGROUP),v1) $(VM_VENV)/bin/python vm/harness.py test
 
 clean:
 	rm -rf $(VENV) $(VM_VENV) vm/.out build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results/*.tmp

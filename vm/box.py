@@ -1,8 +1,11 @@
 """Build the jobsvc Vagrant box offline-capable, packer-free: debootstrap -> raw disk -> qcow2 -> .box.
 
-The box is Debian bookworm with cgroup v1 on the kernel command line, the packages of
-box/packages.txt and the files of box/rootfs/. It is cached under the cache dir by a hash of
-that recipe (and BUILD_VERSION below), so it is rebuilt only when the recipe changes.
+The box is Debian bookworm with the packages of box/packages.txt and the files of box/rootfs/. Its
+grub.cfg (box/grub.cfg.in) has two entries for one kernel: cgroup v1 (the default) and the unified
+hierarchy (cgroup v2), which a VM boots when its SMBIOS system family is V2_FAMILY (the Vagrantfile sets it
+for JOBSVC_VM_CGROUP=v2): the hierarchy is picked per VM at its first boot, with no reboot.
+It is cached under the cache dir by a hash of that recipe (and BUILD_VERSION below), so it is rebuilt
+only when the recipe changes.
 
 Usage (root): python vm/box.py [--force]     prints the path of the .box file
 """
@@ -28,8 +31,13 @@ SUITE = "bookworm"
 DISK_GIB = 10
 PART_OFFSET = 1024 * 1024  # one MBR partition starting at sector 2048
 # Bump when the build steps below change in a way that changes the box.
-BUILD_VERSION = "4"
+BUILD_VERSION = "5"
+# The name says the default hierarchy; the same box boots cgroup v2 on request (V2_FAMILY).
 BOX_NAME = "jobsvc/debian12-cgv1"
+# SMBIOS system family that makes the box's grub boot the cgroup v2 entry; vm/Vagrantfile has the same string.
+V2_FAMILY = "jobsvc-cgroup-v2"
+# Kernel options that select cgroup v1 under systemd 252: the v2 entry has none of them.
+V1_OPTIONS = ("systemd.unified_cgroup_hierarchy=", "systemd.legacy_systemd_cgroup_controller=", "cgroup_no_v1=")
 INSECURE_KEY_GLOBS = (
     "/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub",
     "/opt/vagrant/embedded/gems/gems/vagrant-*/keys/vagrant.pub",
@@ -44,7 +52,10 @@ def packages() -> list[str]:
 
 
 def recipe_hash() -> str:
-    h = hashlib.sha256(f"build={BUILD_VERSION} suite={SUITE} disk={DISK_GIB}\n".encode())
+    # Everything box.py puts into the box besides box/: its build steps (BUILD_VERSION), the v2 family and
+    # the options left out of the v2 entry.
+    head = f"build={BUILD_VERSION} suite={SUITE} disk={DISK_GIB} v2family={V2_FAMILY} v1opts={','.join(V1_OPTIONS)}\n"
+    h = hashlib.sha256(head.encode())
     for p in sorted(RECIPE.rglob("*")):
         if p.is_file():
             rel = p.relative_to(RECIPE).as_posix()
@@ -277,18 +288,24 @@ class _Builder:
             if line.startswith("GRUB_CMDLINE_LINUX="):
                 cmdline = line.split("=", 1)[1].strip('"')
         self.chroot(f"grub-install --target=i386-pc --modules='part_msdos ext2 biosdisk' {self.disk_loop}\n")
-        # update-grub writes no entries on a loop device: a minimal grub.cfg instead. It is not
-        # regenerated on first boot (that cost ~20 s of TCG CPU in every fresh VM); a kernel
-        # upgrade in the guest runs update-grub, which then uses /etc/default/grub.
-        (root / "boot/grub/grub.cfg").write_text(
-            "set timeout=0\n"
-            "insmod part_msdos\ninsmod ext2\n"
-            f"search --no-floppy --fs-uuid --set=root {self.uuid}\n"
-            "menuentry 'Debian GNU/Linux' {\n"
-            f"  linux /boot/vmlinuz-{version} root=UUID={self.uuid} ro {cmdline}\n"
-            f"  initrd /boot/initrd.img-{version}\n"
-            "}\n"
-        )
+        if "systemd.unified_cgroup_hierarchy=0" not in cmdline.split():
+            raise StepError(STEP, "box/rootfs/etc/default/grub does not select cgroup v1", "keep v1 the default")
+        v2_cmdline = " ".join(o for o in cmdline.split() if not o.startswith(V1_OPTIONS))
+        # update-grub writes no entries on a loop device: a minimal grub.cfg instead (two entries, see
+        # box/grub.cfg.in). It is not regenerated on first boot (that cost ~20 s of TCG CPU in every
+        # fresh VM); a kernel upgrade in the guest runs update-grub, which then uses /etc/default/grub.
+        cfg = (RECIPE / "grub.cfg.in").read_text()
+        for key, value in (
+            ("UUID", self.uuid),
+            ("VERSION", version),
+            ("CMDLINE_V1", cmdline),
+            ("CMDLINE_V2", v2_cmdline),
+            ("V2_FAMILY", V2_FAMILY),
+        ):
+            cfg = cfg.replace(f"@{key}@", value)
+        if left := sorted(set(re.findall(r"@[A-Z0-9_]+@", cfg))):
+            raise StepError(STEP, f"box/grub.cfg.in: placeholders left {left}", "fill them in in box.py")
+        (root / "boot/grub/grub.cfg").write_text(cfg)
 
     def clean_rootfs(self) -> None:
         root = self.mnt
@@ -349,7 +366,8 @@ class _Builder:
             json.dumps({"provider": "libvirt", "format": "qcow2", "virtual_size": DISK_GIB}) + "\n"
         )
         (self.work / "Vagrantfile").write_text(
-            '# Box of jobsvc (vm/box.py): Debian bookworm with cgroup v1.\nVagrant.configure("2") do |config|\nend\n'
+            f"# Box of jobsvc (vm/box.py): Debian bookworm, cgroup v1 (v2 with the SMBIOS system family {V2_FAMILY}).\n"
+            'Vagrant.configure("2") do |config|\nend\n'
         )
         tmp = self.out.with_suffix(".box.part")
         self.sh("tar", "-C", self.work, "-cf", tmp, "metadata.json", "Vagrantfile", "box.img")

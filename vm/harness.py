@@ -1,4 +1,7 @@
-"""`make vm-test`: run jobsvc's system tests in a clean cgroup-v1 Debian VM, then tear it down.
+"""`make vm-test`: run jobsvc's system tests in a clean Debian VM, then tear it down.
+
+The guest boots with cgroup v1 (default) or, with JOBSVC_VM_CGROUP=v2 (`make vm-test CGROUP=v2`),
+the same box with the unified hierarchy.
 
 Steps: host packages -> box (built once, cached) -> libvirt (inside a network namespace when the
 host runs none) -> box added to Vagrant -> wheelhouse -> vagrant up (+ provisioning) -> guest
@@ -9,7 +12,9 @@ Exit status: the guest test verdict (0 green, 1 failed tests or checks); 2 a har
 Subcommands:
   test     the whole run (default). VM_KEEP=1 keeps the VM (and libvirt) for the next run.
   up       bring the VM up, provisioned and checked, and keep it (like VM_KEEP=1, no system tests)
-  ssh      a shell in the kept VM (or: ssh -F <cache>/run/ssh_config default)
+  ssh [COMMAND ...]
+           a shell in the kept VM (or: ssh -F <cache>/run/ssh_config default); with a COMMAND,
+           run it there (joined and run by the guest's shell, as ssh does) and exit with its status
   down     destroy the kept VM and stop what the harness started
   box      build (if needed) and add the box only
 """
@@ -49,6 +54,22 @@ def _custom_box() -> str:
     return os.environ.get("JOBSVC_BOX", "")
 
 
+CGROUPS = ("v1", "v2")
+
+
+def requested_cgroup() -> str:
+    """The hierarchy the guest must boot with: JOBSVC_VM_CGROUP (v1 | v2), default v1."""
+    value = os.environ.get("JOBSVC_VM_CGROUP", "") or "v1"
+    if value not in CGROUPS:
+        raise StepError("cgroup", f"JOBSVC_VM_CGROUP={value!r}", "use v1 or v2 (make vm-test CGROUP=v2)")
+    return value
+
+
+def _kept_cgroup_file() -> Path:
+    """The hierarchy of the VM the harness brought up (the Vagrantfile reads it too)."""
+    return cache_dir() / "run" / "cgroup"
+
+
 class Harness:
     def __init__(self) -> None:
         import box
@@ -62,6 +83,10 @@ class Harness:
         self.libvirt: host.Libvirt | None = None
         self.vagrant = None  # vagrant.Vagrant, once libvirt is up
         self.ssh_config = cache_dir() / "run" / "ssh_config"
+        try:
+            self.cgroup = requested_cgroup()
+        except StepError:  # main() refuses it for test and up; down and box do not care
+            self.cgroup = "v1"
 
     # -- steps ----------------------------------------------------------------------------------
     def host_packages(self) -> None:
@@ -109,6 +134,7 @@ class Harness:
             JOBSVC_VM_POOL=st.pool,
             JOBSVC_WHEELHOUSE=str(self.wheelhouse_dir()),
             JOBSVC_VM_DRIVER=self.host_mod.vm_driver(),
+            JOBSVC_VM_CGROUP=self.cgroup,
         )
         how = "JOBSVC_VM_DRIVER" if os.environ.get("JOBSVC_VM_DRIVER") else "probe"
         say(f"domain type: {env['JOBSVC_VM_DRIVER']} ({how}; kvm = hardware KVM, qemu = TCG)")
@@ -150,6 +176,17 @@ class Harness:
             f"read vagrant's message above; the domain's console log is in "
             f"/var/log/libvirt/qemu/; VAGRANT_LOG=info gives more; harness log: {self.log}"
         )
+        kept = _kept_cgroup_file()
+        if state == "running":
+            # A kept VM booted before this file existed was a v1 one.
+            kept_cgroup = kept.read_text().strip() if kept.exists() else "v1"
+            if kept_cgroup != self.cgroup:
+                say(f"the kept VM runs cgroup {kept_cgroup}, cgroup {self.cgroup} is asked for: destroying it")
+                with self.timings.step("vagrant destroy (kept VM, other hierarchy)"):
+                    self._vagrant_cmd("destroy", "--force", step="vagrant destroy", fix=fix)
+                state = "not_created"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(self.cgroup + "\n")
         if state == "running":
             with self.timings.step("vagrant rsync + provision (kept VM)"):
                 self._vagrant_cmd("rsync", step="vagrant rsync", fix=fix)
@@ -157,7 +194,7 @@ class Harness:
                     "provision", step="vagrant provision", fix="the provisioning output above names the problem"
                 )
         else:
-            with self.timings.step("vagrant up (boot, rsync, provision)"):
+            with self.timings.step(f"vagrant up (cgroup {self.cgroup} boot, rsync, provision)"):
                 self._vagrant_cmd("up", "--provider=libvirt", step="vagrant up", fix=fix)
         self.ssh_config.parent.mkdir(parents=True, exist_ok=True)
         self.ssh_config.write_text(self.vagrant.ssh_config())
@@ -176,10 +213,11 @@ class Harness:
                     str(HERE / "tests"),
                     "--hosts=paramiko://default",
                     f"--ssh-config={self.ssh_config}",
-                    f"--junitxml={_out_dir() / 'junit-guest-checks.xml'}",
+                    f"--junitxml={_out_dir() / f'junit-guest-checks-{self.cgroup}.xml'}",
                 ],
                 cwd=HERE,
                 stdin=subprocess.DEVNULL,
+                env=dict(os.environ, JOBSVC_VM_CGROUP=self.cgroup),
             )
             if proc.returncode:
                 result["status"] = f"FAILED (pytest exit {proc.returncode})"
@@ -190,15 +228,20 @@ class Harness:
 
     def system_tests(self) -> int:
         timeout = float(os.environ.get("JOBSVC_VM_TEST_TIMEOUT", "3600"))
-        # CI=true: the system tests fail rather than skip when root or cgroup v1 is missing, so a
-        # green verdict means every one of them ran. No bytecode or cache written into /vagrant.
+        # CI=true: the system tests fail rather than skip when root or a usable cgroup hierarchy is
+        # missing, so a green verdict means every one of them ran. No bytecode or cache written into
+        # /vagrant. In a scope of its own with the controllers delegated (both guests): on cgroup v2
+        # the engines pytest starts in-process must be alone in a group that may give controllers to
+        # its children; on v1 it changes nothing. systemd-run --scope execs pytest itself, so the
+        # environment set by `sudo env` reaches it.
         command = (
             f"cd /vagrant && rm -f {GUEST_JUNIT} && sudo env CI=true PYTHONDONTWRITEBYTECODE=1 "
             f"PATH={GUEST_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "
+            f"systemd-run --scope -p Delegate=yes --quiet -- "
             f"{GUEST_VENV}/bin/python -m pytest -p no:cacheprovider -v -rfEs tests/system "
             f"--junitxml={GUEST_JUNIT} {os.environ.get('JOBSVC_VM_PYTEST_ARGS', '')}"
         )
-        with self.timings.step("system tests in the guest") as result:
+        with self.timings.step(f"system tests in the guest (cgroup {self.cgroup})") as result:
             try:
                 rc = self._ssh(command, timeout=timeout).returncode
                 if rc:
@@ -209,26 +252,26 @@ class Harness:
                     f"no verdict after {timeout:.0f} s",
                     "raise JOBSVC_VM_TEST_TIMEOUT or look for a hung test (VM_KEEP=1)",
                 ) from None
-        junit = _out_dir() / "junit-system.xml"
+        junit = _out_dir() / f"junit-system-{self.cgroup}.xml"
         got = self._ssh(f"cat {GUEST_JUNIT}", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         if got.returncode == 0 and got.stdout:
             junit.write_bytes(got.stdout)
             say(f"junit XML: {junit}")
-            rc = self._summarize(junit, rc)
+            rc = self._summarize(junit, rc, self.cgroup)
         else:
             say("no junit XML came back from the guest")
             rc = rc or 1
         return rc
 
     @staticmethod
-    def _summarize(junit: Path, rc: int) -> int:
+    def _summarize(junit: Path, rc: int, cgroup: str) -> int:
         root = ET.parse(junit).getroot()
         suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
         n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
         passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
         say(
-            f"system tests in the guest: {passed} passed, {n['failures']} failed, {n['errors']} errors, "
-            f"{n['skipped']} skipped (pytest exit {rc})"
+            f"system tests in the guest (cgroup {cgroup}): {passed} passed, {n['failures']} failed, "
+            f"{n['errors']} errors, {n['skipped']} skipped (pytest exit {rc})"
         )
         if n["tests"] == 0:
             say("no system test ran: that is not a green verdict")
@@ -247,6 +290,7 @@ class Harness:
         with self.timings.step("stop libvirt, delete netns"):
             self.libvirt.down()
         self.ssh_config.unlink(missing_ok=True)
+        _kept_cgroup_file().unlink(missing_ok=True)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -315,12 +359,15 @@ def cmd_down() -> int:
     return 0
 
 
-def cmd_ssh() -> int:
+def cmd_ssh(command: list[str]) -> int:
+    """A shell in the kept VM, or COMMAND run there; ssh's exit status is the command's (255: ssh failed)."""
     cfg = cache_dir() / "run" / "ssh_config"
     if not cfg.exists():
         say("no kept VM: run `python vm/harness.py up` (or VM_KEEP=1 make vm-test) first")
         return 2
-    os.execvp("ssh", ["ssh", "-F", str(cfg), "default"])
+    if command and command[0] == "--":
+        command = command[1:]
+    os.execvp("ssh", ["ssh", "-F", str(cfg), "default", *(["--", *command] if command else [])])
 
 
 def cmd_box() -> int:
@@ -338,7 +385,16 @@ def cmd_box() -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("command", nargs="?", default="test", choices=["test", "up", "ssh", "down", "box"])
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="ssh only: the command to run in the VM")
     args = ap.parse_args()
+    if args.args and args.command != "ssh":
+        ap.error(f"{args.command} takes no arguments")
+    if args.command in ("test", "up"):
+        try:
+            say(f"guest hierarchy: cgroup {requested_cgroup()} (JOBSVC_VM_CGROUP, default v1)")
+        except StepError as e:
+            say(str(e))
+            return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     if args.command == "test":
@@ -346,7 +402,7 @@ def main() -> int:
     if args.command == "up":
         return cmd_test(keep=True, run_tests=False)
     if args.command == "ssh":
-        return cmd_ssh()
+        return cmd_ssh(args.args)
     if args.command == "down":
         return cmd_down()
     return cmd_box()

@@ -56,9 +56,10 @@ class Timings:
             say(f"<== {name}: {status} in {dt:.1f} s")
 
     def table(self) -> str:
-        lines = [f"  {name:<34} {dt:7.1f} s  {status}" for name, dt, status in self.rows]
+        width = max([34, *(len(name) for name, _, _ in self.rows)])
+        lines = [f"  {name:<{width}} {dt:7.1f} s  {status}" for name, dt, status in self.rows]
         total = time.monotonic() - _T0
-        lines.append(f"  {'total':<34} {total:7.1f} s")
+        lines.append(f"  {'total':<{width}} {total:7.1f} s")
         return "\n".join(lines)
 
 
