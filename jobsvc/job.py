@@ -168,7 +168,8 @@ class Job:
         now = time.monotonic()
         if now - self._usage_at > USAGE_TTL:
             self._live, self._usage_at = self.group.usage(), now
-            self.pids_limit_hit = self._hit_pids_limit()
+            # a hit never un-happens: once its groups are gone (the job's end), a read would say 0
+            self.pids_limit_hit = self.pids_limit_hit or self._hit_pids_limit()
         return self._live
 
     def _hit_pids_limit(self) -> bool:
@@ -285,7 +286,7 @@ class Job:
         if oom_kills == 0 and exit_info.signal == signal.SIGKILL:
             await asyncio.sleep(0.005)  # the kernel signals just before it counts the kill
             oom_kills = self.group.oom_kills()
-        self.pids_limit_hit = self._hit_pids_limit()
+        self.pids_limit_hit = self.pids_limit_hit or self._hit_pids_limit()
         self.usage = self.group.usage()
         if not await self.group.destroy():
             log.error("job %s: its groups could not be removed", self.id)

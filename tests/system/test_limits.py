@@ -245,3 +245,17 @@ def test_limits_through_the_server_and_jobctl(tmp_path: Path) -> None:
         assert "finished (SIGKILL, out of memory)" in text and "oom killed:" in text
     finally:
         assert srv.stop() == 0
+
+
+async def test_a_pids_limit_hit_stays_reported_after_the_job_ends(engine: JobManager) -> None:
+    # the fork fails at once, the job ends after the 250 ms a running job's figures are cached for, and nobody
+    # asked in between: the end's record must still say so (it once re-read the removed group and said no)
+    script = (
+        "import os, time\n"
+        "try:\n    [os.fork() or time.sleep(5) for _ in range(50)]\nexcept OSError: pass\n"
+        "time.sleep(0.6)"
+    )
+    rec = await engine.start("root", [PY, "-c", script], Limits(pids=4))
+    done = await engine.wait("root", rec.id)
+    assert done.pids_limit_hit, done
+    assert processes_in_cgroup_named(rec.id) == []
