@@ -16,12 +16,15 @@ are used but hold no bytes, so readers skip them and see the jump.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from jobsvc import disk
 
 STDOUT = 1
 STDERR = 2
@@ -31,6 +34,7 @@ MIN_CHUNK = 32 * 1024
 STREAM_BUFFER_BUDGET = 32 * 1024 * 1024  # chunks in flight across all streams, roughly (see chunk_size_for)
 SEGMENT_SIZE = 64 * 1024 * 1024
 _RUN = struct.Struct("<QB7s")  # a record of a log from before timestamps has zeros there: time not known
+INDEX_RESERVE = 4096 * 16
 RUN_SPAN_MS = 100  # a new run (and so a new timestamp) once the current one is this old: time to 0.1 s
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -222,6 +226,11 @@ class OutputLog:
         if self._index_fd < 0:
             flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
             self._index_fd = os.open(self._dir / "index", flags, 0o600)
+            if not self._closed:
+                # room for 4,096 runs ahead (about 7 min of output at a run per 0.1 s, more when quieter), so
+                # that a full disk cannot refuse the record of where output was lost
+                with contextlib.suppress(OSError):
+                    disk.reserve(self._index_fd, 0, INDEX_RESERVE)
         return self._index_fd
 
     def _declare(self, fd_tag: int) -> None:

@@ -8,12 +8,12 @@ what is left of it runs low; a line that still cannot be written goes to the ser
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 from pathlib import Path
 
+from jobsvc import disk
 from jobsvc.job import utc_now
 from jobsvc.model import format_time
 
@@ -22,9 +22,6 @@ log = logging.getLogger("jobsvc.audit")
 RESERVE = 4 << 20  # about 20,000 lines ahead
 RENEW_BELOW = 1 << 20
 MARGIN = 64 << 10  # what calls already running may still write once new ones are refused
-_FALLOC_FL_KEEP_SIZE = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
 def _open(path: Path) -> int:
@@ -32,10 +29,7 @@ def _open(path: Path) -> int:
 
 
 def reserve(fd: int, offset: int, length: int) -> None:
-    """Allocate disk blocks past the end of the file without changing its size."""
-    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    disk.reserve(fd, offset, length)
 
 
 class AuditLog:
