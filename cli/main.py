@@ -963,8 +963,21 @@ def _output_failed(e: OSError) -> NoReturn:
         os._exit(1)
 
 
+def _stdout_closed() -> bool:
+    # Python makes sys.stdout None when fd 1 is closed at start-up, but a descriptor it opened meanwhile may have
+    # held number 1 then: fd 1 is checked again here, before grpc can put its own descriptor there (a write or
+    # dup2 onto that one at exit killed grpc's poller: SIGABRT, seen once in CI)
+    if sys.stdout is None:
+        return True
+    try:
+        os.fstat(1)
+    except OSError:
+        return True
+    return False
+
+
 def main() -> None:
-    if sys.stdout is None:  # started with fd 1 closed (`jobctl ... >&-`): nowhere to write, so do nothing
+    if _stdout_closed():  # started with fd 1 closed (`jobctl ... >&-`): nowhere to write, so do nothing
         if sys.stderr is not None:
             sys.stderr.write("error: cannot write to stdout: it is closed\n")
             sys.stderr.flush()
