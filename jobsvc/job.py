@@ -177,8 +177,8 @@ class Job:
 
     @property
     def output_bytes(self) -> int:
-        """The output it keeps on disk (retention's measure)."""
-        return self.output.size - self.output.start
+        """The output it keeps on disk (retention's and the share's measure): lost offsets hold no bytes."""
+        return max(0, self.output.size - self.output.start - self.output.lost_placed)
 
     @property
     def ended(self) -> bool:
@@ -230,6 +230,8 @@ class Job:
                     n = self._discard(fd, e)
                 if n == 0:
                     self._close_pipe(fd)
+                    break
+                if n < 0:  # nothing more in the pipe now
                     break
         finally:
             self.output.notify()

@@ -118,6 +118,7 @@ class OutputLog:
         self._waiter: asyncio.Future[None] | None = None
         self._unread = False  # an ended job's log not read back from disk yet (see ended())
         self.lost_bytes = 0
+        self.lost_placed = 0  # the lost bytes that took offsets (LOST runs): they hold nothing on disk
 
     @property
     def size(self) -> int:
@@ -151,6 +152,7 @@ class OutputLog:
         """
         log = cls(directory, create=False)
         log._size, log._start, log.lost_bytes = size, start, lost
+        log.lost_placed = min(lost, size - start)  # as near as the record tells
         log._closed = True
         log._unread = True
         return log
@@ -275,6 +277,7 @@ class OutputLog:
         except OSError:
             return False
         self._size += n
+        self.lost_placed += n
         return True
 
     def notify(self) -> None:
@@ -358,6 +361,8 @@ class OutputLog:
             os.close(fd)
         self._read_fds.clear()
         if self._index_fd >= 0:
+            with contextlib.suppress(OSError):  # the room reserved past its end is not needed any more
+                os.ftruncate(self._index_fd, os.fstat(self._index_fd).st_size)
             os.close(self._index_fd)
             self._index_fd = -1
 

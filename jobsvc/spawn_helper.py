@@ -34,6 +34,19 @@ _CLONE_NEWIPC = 0x08000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 
+
+# Before 5.8 a proc mount's options belong to its pid namespace: hidepid here would change the host's /proc too,
+# so older kernels keep the host's /proc (the README says so).
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return True  # an unusual release string: assume a current kernel
+    return found >= (major, minor)
+
+
+_PROC_PER_MOUNT = _kernel_at_least(5, 8)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _ignored: list[signal.Signals] = []  # what the child must reset; filled once the helper is set up
@@ -77,7 +90,8 @@ def _sandbox(private: list[str], cwd: str) -> None:
                 _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
         if os.path.isdir("/dev/mqueue"):  # POSIX queues of the job's own IPC namespace
             _mount("mqueue", "/dev/mqueue", "mqueue", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible")
+        if _PROC_PER_MOUNT:
+            _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible")
         if keep >= 0 and not _same(cwd, keep):  # it lay under /tmp or /var/tmp: bring it back at its own path
             os.makedirs(cwd, mode=0o711, exist_ok=True)
             _mount(f"/proc/self/fd/{keep}", cwd, None, _MS_BIND)

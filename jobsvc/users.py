@@ -75,11 +75,15 @@ class UidPool:
         except BlockingIOError:  # another server's live job has it
             os.close(fd)
             return False
-        if os.pread(fd, 64, 0) and uid_has_processes(uid):  # its holder died, its job lives on
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            if os.pread(fd, 64, 0) and uid_has_processes(uid):  # its holder died, its job lives on
+                os.close(fd)
+                return False
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)  # and with it the lock
+            raise
         self._locks[uid] = fd
         return True
 
