@@ -1,7 +1,8 @@
 """The jobs a server knows, indexed so that a lookup or a page costs the same at 50 jobs or 50,000.
 
 Per owner (and for all, for admins): a dict by id, ids kept sorted (a prefix lookup is a bisection), and
-(started_at, id) keys kept sorted (a page of List starts with a bisection, never a sort of everything).
+(started_at, id) keys kept sorted (a page of List starts with a bisection, never a sort of everything). A page
+with a filter (a status) walks on until it has found its jobs: with few matches among many jobs, that is a scan.
 """
 
 from __future__ import annotations

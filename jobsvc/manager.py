@@ -292,7 +292,8 @@ class JobManager:
     ) -> tuple[list[JobRecord], bool]:
         """A page of the jobs this identity may see, oldest first (or newest first), after the (started_at, id)
         of the last one of the previous page; optionally one status, or started in the last N s. Also whether
-        more follow. A page costs what its jobs cost, however many jobs the server keeps."""
+        more follow. Without a status a page costs what its jobs cost, however many jobs the server keeps; with one,
+        it walks past the jobs that do not match."""
         if since is not None and not since > 0:
             raise InvalidArgumentError(f"since must be a positive number of seconds, got {since}")
         if not 0 < limit <= LIST_PAGE_MAX:

@@ -8,8 +8,9 @@ Layout of a log directory:
 The bytes live in the page cache, not in the server: readers hold only an offset (memory does not grow with output),
 and the writer never waits for a reader. Retention can drop whole old segments without touching live ones.
 
-A run's index record is written before its first byte: a crash between the two leaves an empty run, never bytes
-under the previous run's stream. Output that could not be stored (the disk was full) is a LOST run: its offsets
+A run's index record is written before its first byte: a process crash between the two leaves an empty run, never
+bytes under the previous run's stream (nothing is fsync'd: a kernel crash or power loss promises nothing here).
+Output that could not be stored (the disk was full) is a LOST run: its offsets
 are used but hold no bytes, so readers skip them and see the jump.
 """
 

@@ -109,7 +109,8 @@ def _is_root(group: Path) -> bool:
 def claim(own: Path, pid: int) -> Path:
     """Move process pid into own/jobsvc/supervisor and give own/jobsvc the controllers; returns own/jobsvc.
 
-    Refuses, changing nothing, when own holds processes that are not jobsvc's: cgroup v2 would then refuse the
+    Refuses before it changes anything when own holds processes that are not jobsvc's (a refusal by the kernel
+    after the move leaves this process in the leaf): cgroup v2 would then refuse the
     controllers, and moving someone else's processes is not ours to do.
     """
     available = _controllers(own)
