@@ -43,6 +43,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy jobsvc cli
+	@# the dependency direction of docs/ARCHITECTURE.md ([tool.importlinter] in pyproject.toml)
+	$(VENV)/bin/lint-imports --no-cache
 
 proto: $(STAMP)
 	$(PY) proto/generate.py jobsvc/_pb
@@ -89,5 +91,5 @@ vm-test: $(VM_STAMP)
 	JOBSVC_VM_CGROUP=$(or $(CGROUP),$(JOBSVC_VM_CGROUP),v1) $(VM_VENV)/bin/python vm/harness.py test
 
 clean:
-	rm -rf $(VENV) $(VM_VENV) vm/.out build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results/*.tmp
+	rm -rf $(VENV) $(VM_VENV) vm/.out build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache bench/results/*.tmp
 	find . -name __pycache__ -prune -exec rm -rf {} +
