@@ -377,6 +377,29 @@ def test_completion_of_job_ids_and_contexts(config_home: Path, server: Server) -
     assert "local" in complete("jobctl context use lo") and "down" not in complete("jobctl context use lo")
 
 
+def test_all_contexts_and_completion_resolve_settings_like_every_command(config_home: Path, server: Server) -> None:
+    # issue 18: --all-contexts ignored --ca-cert (then said to set it), and completion ignored the context
+    job_id = ok(server, "start", "--", "true").strip()
+    config = config_home / "jobctl" / "config.toml"
+    config.write_text(config.read_text().replace(f'ca_cert = "{server.pki.dir}/ca.pem"', 'ca_cert = "/no/ca.pem"'))
+    assert "CA certificate /no/ca.pem" in bare(config_home, "list", "--all-contexts").stderr.decode()
+    everywhere = bare(config_home, "--ca-cert", str(server.pki.ca), "list", "--all-contexts")
+    assert everywhere.returncode == 0, everywhere.stderr
+    assert any(row.startswith("local") and job_id[:8] in row for row in everywhere.stdout.decode().splitlines())
+
+    def complete(*words: str, **env: str) -> str:
+        variables = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+        variables.update(XDG_CONFIG_HOME=str(config_home), _JOBCTL_COMPLETE="bash_complete", **env)
+        variables.update(COMP_WORDS=" ".join(["jobctl", *words]), COMP_CWORD=str(len(words)))
+        return subprocess.run([JOBCTL], env=variables, capture_output=True, timeout=30).stdout.decode()
+
+    ca = str(server.pki.ca)
+    assert job_id in complete("--context", "local", "--ca-cert", ca, "get", "--id", job_id[:6])
+    assert job_id in complete("get", job_id[:6], JOBCTL_CONTEXT="local", JOBCTL_CA_CERT=ca)
+    assert job_id not in complete("--ca-cert", ca, "get", job_id[:6])  # the current context, down, is asked
+    assert job_id not in complete("--context", "local", "get", job_id[:6])  # its CA file does not exist
+
+
 def test_get_says_when_a_job_hit_its_pids_limit(server: Server) -> None:
     storm = "for i in $(seq 1 30); do sleep 5 & done 2>/dev/null; wait; true"
     job_id = ok(server, "start", "--pids", "8", "--", "sh", "-c", storm).strip()
