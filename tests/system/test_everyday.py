@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from jobsvc import pki
 from jobsvc._pb import jobs_pb2 as pb
@@ -236,7 +238,10 @@ def test_list_filters(server: Server) -> None:
     running = ok(server, "start", "--", "sleep", "1000").strip()
     finished = ok(server, "start", "--", "true").strip()
     jobctl(server, "wait", "--id", finished)
-    ids = lambda *a: [r["id"] for r in json.loads(ok(server, "list", "--json", *a))]  # noqa: E731
+
+    def ids(*a: str) -> list[str]:
+        return [r["id"] for r in json.loads(ok(server, "list", "--json", *a))]
+
     assert running in ids("--status", "running") and finished not in ids("--status", "running")
     assert finished in ids("--status", "finished") and running not in ids("--status", "finished")
     recent = ids("--since", "1m")
@@ -265,7 +270,7 @@ def test_revocation_deny_list_and_reload_keep_streams(tmp_path: Path, keys: Pki)
                 srv.stub(user).List(pb.ListRequest(), timeout=10)
                 return grpc.StatusCode.OK
             except grpc.RpcError as e:
-                return e.code()  # type: ignore[no-any-return]
+                return e.code()
 
         assert code_of("eve") == grpc.StatusCode.OK
         assert code_of("bob") == grpc.StatusCode.OK
@@ -276,7 +281,7 @@ def test_revocation_deny_list_and_reload_keep_streams(tmp_path: Path, keys: Pki)
         )
         stream = srv.stub().Stream(pb.StreamRequest(id=job.id))
         assert next(stream).data.startswith(b"1\n")
-        eve_serial = pki.x509.load_pem_x509_certificate((d / "eve.pem").read_bytes()).serial_number
+        eve_serial = x509.load_pem_x509_certificate((d / "eve.pem").read_bytes()).serial_number
         crl.write_bytes(pki.make_crl(ca, [eve_serial]))
         deny.write_text("CN=bob\n")
         new_server = pki.issue(ca, "localhost", server=True, client=False, dns=("localhost",), ips=("127.0.0.1",))
@@ -305,7 +310,7 @@ def test_revocation_deny_list_and_reload_keep_streams(tmp_path: Path, keys: Pki)
             ctx.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
             seen = tls.getpeercert(binary_form=True)
-        assert seen == new_server.cert.public_bytes(pki.serialization.Encoding.DER)
+        assert seen == new_server.cert.public_bytes(serialization.Encoding.DER)
         # a broken file on reload keeps what is in force
         crl.write_text("garbage")
         srv.proc.send_signal(signal.SIGHUP)

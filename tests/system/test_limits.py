@@ -29,7 +29,7 @@ async def stdout_of(engine: JobManager, job_id: str) -> bytes:
 
 
 def seconds(rec: object) -> float:
-    return (rec.ended_at - rec.started_at).total_seconds()  # type: ignore[attr-defined]
+    return (rec.ended_at - rec.started_at).total_seconds()  # type: ignore[attr-defined, no-any-return]
 
 
 async def test_memory_limit_kills_and_reports_oom(engine: JobManager) -> None:

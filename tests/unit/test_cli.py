@@ -369,7 +369,7 @@ def test_every_duration_option_reads_durations_alike(fake: FakeClient, text: str
     assert invoke(fake, "wait", "abcd", "--timeout", text).exit_code == 137
     assert fake.calls[-1] == ("wait", ("abcd", seconds))
     assert invoke(fake, "list", "--since", text).exit_code == 0
-    assert fake.calls[-1] == ("list", ((), seconds))
+    assert fake.calls[-1:] == [("list", ((), seconds))]
     obj: dict[str, Any] = {"client_factory": lambda: fake}
     assert CliRunner().invoke(cli, ["--timeout", text, "list"], obj=obj).exit_code == 0
     assert obj["timeout"] == seconds
@@ -538,7 +538,7 @@ class RecordingClient:
     def __init__(
         self, target: str, ca_cert: Path, client_cert: Path, client_key: Path, timeout: float | None = 10.0
     ) -> None:
-        self.settings = {
+        self.settings: dict[str, Any] = {
             "target": target,
             "ca_cert": ca_cert,
             "client_cert": client_cert,

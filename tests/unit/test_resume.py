@@ -184,7 +184,7 @@ def test_a_drop_after_the_last_byte_says_no_output_came_after() -> None:
             raise ConnectionLostError("the connection to jobsvc at 127.0.0.1:50051 was lost (Socket closed)")
         # the job had ended: the reopened stream ends at once
 
-    clock, said = Clock(), []
+    clock, said = Clock(), list[str]()
     chunks = follow(open_stream, notify=said.append, sleep=clock.sleep, clock=clock)
     assert b"".join(c.data for c in chunks) == DATA
     assert opens == [0, len(DATA)]
