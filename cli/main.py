@@ -20,6 +20,8 @@ from jobsvc.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from jobsvc.model import JobRecord, Limits
 
+    from .config import Config
+
 F = TypeVar("F", bound=Callable[..., Any])
 PKI = Path(".jobsvc/pki")  # where `make run` puts the dev certificates
 SETTINGS = ("target", "ca_cert", "client_cert", "client_key", "timeout")
@@ -134,16 +136,19 @@ def _stamp(ms: int) -> bytes:
 
 
 def _complete_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
-    """Job ids from List (nothing, quietly, when the server cannot be reached)."""
+    """Job ids from List on the selected context's server (nothing, quietly, when it cannot be reached)."""
     from click.shell_completion import CompletionItem
 
     from .client import ClientError, JobClient
+    from .config import Config, ConfigError
 
-    p = ctx.find_root().params
+    root = ctx.find_root()  # the group's options as typed so far (completion does not run the group itself)
     try:
-        with JobClient(p["target"], p["ca_cert"], p["client_cert"], p["client_key"], 2.0) as c:
+        config = Config.load()
+        s = resolve(root, config, root.params.get("context_name") or config.current)
+        with JobClient(s["target"], s["ca_cert"], s["client_cert"], s["client_key"], 2.0) as c:
             records = c.list()
-    except (ClientError, KeyError, TypeError):
+    except (ClientError, ConfigError, click.ClickException, KeyError, TypeError):
         return []
     return [
         CompletionItem(r.id, help=" ".join(a.decode(errors="replace") for a in r.command)[:60])
@@ -381,6 +386,34 @@ def _context_timeout(value: object, path: Path, name: str | None) -> float:
         raise Fail(f"{path}: context {name!r}: timeout: {e.message}") from None
 
 
+# -- settings: one resolver for every command, `list --all-contexts` and the completion of job ids ----------------
+
+
+def _given(root: click.Context, key: str) -> bool:
+    """Whether the user set this setting: its flag or its JOBCTL_* variable."""
+    return root.get_parameter_source(key) in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    )
+
+
+def resolve(root: click.Context, config: Config, name: str | None) -> dict[str, Any]:
+    """The settings for context name (None: no context): each from its flag, else its JOBCTL_* variable, else the
+    context, else its default. root is the group's context, as click parsed the command line and environment."""
+    chosen = config.context(name) if name else {}
+    settings: dict[str, Any] = {}
+    for key in SETTINGS:
+        if _given(root, key) or key not in chosen:
+            settings[key] = root.params[key]
+        elif key in PATH_SETTINGS:
+            settings[key] = Path(chosen[key]).expanduser()
+        elif key == "timeout":
+            settings[key] = _context_timeout(chosen[key], config.path, name)
+        else:
+            settings[key] = chosen[key]
+    return settings
+
+
 # -- commands ----------------------------------------------------------------------------------------------------
 
 
@@ -462,17 +495,11 @@ def cli(ctx: click.Context, /, context_name: str | None, **settings: Any) -> Non
         try:
             config = Config.load()
             name = context_name or config.current
-            chosen = config.context(name) if name else {}
+            settings = resolve(ctx, config, name)
         except ConfigError as e:
             raise Fail(str(e)) from None
-        for key in SETTINGS:  # a context fills in only what neither a flag nor a variable set
-            if key in chosen and ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
-                value = chosen[key]
-                settings[key] = Path(value).expanduser() if key in PATH_SETTINGS else value
-                if key == "timeout":
-                    settings[key] = _context_timeout(value, config.path, name)
-                if key == "target":
-                    source = f"context {name!r} in {config.path}"
+        if name and "target" in config.contexts[name] and not _given(ctx, "target"):
+            source = f"context {name!r} in {config.path}"
         ctx.obj["context"] = name
     from .client import check_target
 
@@ -564,7 +591,12 @@ STATUSES = ("running", "stopped", "finished")
     metavar="N",
     help="Only the newest N jobs (still shown oldest first). Default: all of them.",
 )
-@click.option("--all-contexts", is_flag=True, help="Your jobs on every server of your config, side by side.")
+@click.option(
+    "--all-contexts",
+    is_flag=True,
+    help="Your jobs on every server of your config, side by side (flags and JOBCTL_* variables still win over each "
+    "context's settings).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of records, oldest first.")
 @click.pass_context
 def list_(
@@ -603,16 +635,11 @@ def _list_everywhere(ctx: click.Context, statuses: tuple[str, ...], since: float
         raise Fail(str(e)) from None
     if not config.contexts:
         raise Fail(f"no contexts in {config.path}")
-    timeout = ctx.obj["timeout"]
+    root = ctx.find_root()
 
     def one(name: str) -> list[JobRecord]:
-        c = config.contexts[name]
-        paths = {
-            k: Path(c.get(k, PKI / f"{d}.pem")).expanduser()
-            for k, d in (("ca_cert", "ca"), ("client_cert", "alice"), ("client_key", "alice-key"))
-        }
-        wait = _context_timeout(c["timeout"], config.path, name) if "timeout" in c else timeout
-        with JobClient(c.get("target", "127.0.0.1:50051"), timeout=wait, **paths) as jc:
+        s = resolve(root, config, name)  # each context as if it were the selected one: flags and variables win
+        with JobClient(s["target"], s["ca_cert"], s["client_cert"], s["client_key"], s["timeout"]) as jc:
             return jc.list(statuses, since)
 
     rows: list[tuple[str, JobRecord]] = []

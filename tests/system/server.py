@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from jobsvc import pki
 from jobsvc._pb import jobs_pb2_grpc
@@ -44,8 +46,8 @@ def make_pki(directory: Path) -> Pki:
         capture_output=True,
     )
     ca = pki.Issued(
-        pki.x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes()),
-        pki.serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None),  # type: ignore[arg-type]
+        x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes()),
+        serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None),  # type: ignore[arg-type]
     )
     now = dt.datetime.now(dt.UTC)
     # Another CA with the very same name as ours: only the signature tells them apart.

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def jobctl(
     server: Server, *args: str, user: str = "alice", env: dict[str, str] | None = None, **kw: object
 ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
+    return subprocess.run(  # type: ignore[no-any-return]
         [JOBCTL, *args], env={**server.env(user), **(env or {})}, capture_output=True, timeout=120, **kw
-    )  # type: ignore[call-overload, no-any-return]
+    )  # type: ignore[call-overload]
 
 
 def ok(server: Server, *args: str) -> str:

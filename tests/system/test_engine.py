@@ -276,7 +276,12 @@ async def test_the_janitor_returns_freed_memory_once_the_last_stream_ends(
     import jobsvc.manager
 
     trims: list[int] = []
-    monkeypatch.setattr(jobsvc.manager, "release_free_heap", lambda: trims.append(1) or True)
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    monkeypatch.setattr(jobsvc.manager, "release_free_heap", trim)
     m = JobManager.open(EngineConfig(state_dir=tmp_path / "state", work_root=work_root, janitor_interval=0.02))
     await m.reconcile()
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from jobsvc import pki
 from jobsvc._pb import jobs_pb2 as pb
@@ -236,7 +238,10 @@ def test_list_filters(server: Server) -> None:
     running = ok(server, "start", "--", "sleep", "1000").strip()
     finished = ok(server, "start", "--", "true").strip()
     jobctl(server, "wait", "--id", finished)
-    ids = lambda *a: [r["id"] for r in json.loads(ok(server, "list", "--json", *a))]  # noqa: E731
+
+    def ids(*a: str) -> list[str]:
+        return [r["id"] for r in json.loads(ok(server, "list", "--json", *a))]
+
     assert running in ids("--status", "running") and finished not in ids("--status", "running")
     assert finished in ids("--status", "finished") and running not in ids("--status", "finished")
     recent = ids("--since", "1m")
@@ -265,7 +270,7 @@ def test_revocation_deny_list_and_reload_keep_streams(tmp_path: Path, keys: Pki)
                 srv.stub(user).List(pb.ListRequest(), timeout=10)
                 return grpc.StatusCode.OK
             except grpc.RpcError as e:
-                return e.code()  # type: ignore[no-any-return]
+                return e.code()
 
         assert code_of("eve") == grpc.StatusCode.OK
         assert code_of("bob") == grpc.StatusCode.OK
@@ -276,7 +281,7 @@ def test_revocation_deny_list_and_reload_keep_streams(tmp_path: Path, keys: Pki)
         )
         stream = srv.stub().Stream(pb.StreamRequest(id=job.id))
         assert next(stream).data.startswith(b"1\n")
-        eve_serial = pki.x509.load_pem_x509_certificate((d / "eve.pem").read_bytes()).serial_number
+        eve_serial = x509.load_pem_x509_certificate((d / "eve.pem").read_bytes()).serial_number
         crl.write_bytes(pki.make_crl(ca, [eve_serial]))
         deny.write_text("CN=bob\n")
         new_server = pki.issue(ca, "localhost", server=True, client=False, dns=("localhost",), ips=("127.0.0.1",))
@@ -305,7 +310,7 @@ def test_revocation_deny_list_and_reload_keep_streams(tmp_path: Path, keys: Pki)
             ctx.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
             seen = tls.getpeercert(binary_form=True)
-        assert seen == new_server.cert.public_bytes(pki.serialization.Encoding.DER)
+        assert seen == new_server.cert.public_bytes(serialization.Encoding.DER)
         # a broken file on reload keeps what is in force
         crl.write_text("garbage")
         srv.proc.send_signal(signal.SIGHUP)
@@ -375,6 +380,29 @@ def test_completion_of_job_ids_and_contexts(config_home: Path, server: Server) -
 
     assert job_id in complete(f"jobctl get --id {job_id[:6]}")
     assert "local" in complete("jobctl context use lo") and "down" not in complete("jobctl context use lo")
+
+
+def test_all_contexts_and_completion_resolve_settings_like_every_command(config_home: Path, server: Server) -> None:
+    # issue 18: --all-contexts ignored --ca-cert (then said to set it), and completion ignored the context
+    job_id = ok(server, "start", "--", "true").strip()
+    config = config_home / "jobctl" / "config.toml"
+    config.write_text(config.read_text().replace(f'ca_cert = "{server.pki.dir}/ca.pem"', 'ca_cert = "/no/ca.pem"'))
+    assert "CA certificate /no/ca.pem" in bare(config_home, "list", "--all-contexts").stderr.decode()
+    everywhere = bare(config_home, "--ca-cert", str(server.pki.ca), "list", "--all-contexts")
+    assert everywhere.returncode == 0, everywhere.stderr
+    assert any(row.startswith("local") and job_id[:8] in row for row in everywhere.stdout.decode().splitlines())
+
+    def complete(*words: str, **env: str) -> str:
+        variables = {k: v for k, v in os.environ.items() if not k.startswith("JOBCTL_")}
+        variables.update(XDG_CONFIG_HOME=str(config_home), _JOBCTL_COMPLETE="bash_complete", **env)
+        variables.update(COMP_WORDS=" ".join(["jobctl", *words]), COMP_CWORD=str(len(words)))
+        return subprocess.run([JOBCTL], env=variables, capture_output=True, timeout=30).stdout.decode()
+
+    ca = str(server.pki.ca)
+    assert job_id in complete("--context", "local", "--ca-cert", ca, "get", "--id", job_id[:6])
+    assert job_id in complete("get", job_id[:6], JOBCTL_CONTEXT="local", JOBCTL_CA_CERT=ca)
+    assert job_id not in complete("--ca-cert", ca, "get", job_id[:6])  # the current context, down, is asked
+    assert job_id not in complete("--context", "local", "get", job_id[:6])  # its CA file does not exist
 
 
 def test_get_says_when_a_job_hit_its_pids_limit(server: Server) -> None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -72,7 +73,8 @@ def call(server: Server, channel: grpc.Channel, name: str, request: object) -> N
     stub_method = f"/jobsvc.v1.JobService/{name}"
     try:
         if name == "Raw":  # bytes that need not parse as any message
-            channel.unary_unary("/jobsvc.v1.JobService/Get")(request, timeout=10)
+            # grpc-stubs makes the serializers required; grpc passes bytes through without them
+            channel.unary_unary("/jobsvc.v1.JobService/Get")(request, timeout=10)  # type: ignore[call-arg]
         elif name == "Stream":
             fn = channel.unary_stream(
                 stub_method,
@@ -83,12 +85,12 @@ def call(server: Server, channel: grpc.Channel, name: str, request: object) -> N
                 pass
         else:
             req_type = type(request)
-            fn = channel.unary_unary(
+            unary = channel.unary_unary(
                 stub_method,
                 request_serializer=req_type.SerializeToString,  # type: ignore[attr-defined]
                 response_deserializer=pb.Job.FromString,
             )
-            job = fn(request, timeout=2 if name == "Wait" else 20)
+            job = unary(request, timeout=2 if name == "Wait" else 20)
             if name == "Start":  # keep the host clean: nothing the fuzzer starts may run on
                 server.stub().Stop(pb.StopRequest(id=job.id, grace_seconds=0), timeout=20)
     except grpc.RpcError as e:
@@ -128,9 +130,7 @@ def test_random_requests_get_proper_statuses_and_leak_nothing(target: Server) ->
     assert not leaked, f"descriptors left open: {[os.path.basename(f) for f in leaked]}"
 
 
-def _instance_groups(instance: str) -> list[os.PathLike[str]]:
-    from pathlib import Path
-
+def _instance_groups(instance: str) -> list[Path]:
     found = []
     for root in Path("/sys/fs/cgroup").iterdir():
         for d in root.rglob(instance) if root.is_dir() and not root.is_symlink() else ():

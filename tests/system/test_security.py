@@ -37,7 +37,8 @@ def hardened(tmp_path_factory: pytest.TempPathFactory, keys: Pki) -> Iterator[Se
 
 def first_line(server: Server, job_id: str, user: str = "alice") -> bytes:
     for msg in server.stub(user).Stream(pb.StreamRequest(id=job_id)):
-        return msg.data.split(b"\n")[0]
+        line: bytes = msg.data.split(b"\n")[0]
+        return line
     raise AssertionError("no output")
 
 
@@ -247,18 +248,20 @@ def test_quotas_bound_each_user_and_the_server(tmp_path: Path, keys: Pki) -> Non
         a1, a2 = alice.Start(sleep), alice.Start(sleep)
         with pytest.raises(grpc.RpcError) as err:
             alice.Start(sleep)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per user" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per user" in (err.value.details() or "")
         b1 = bob.Start(sleep)  # bob is not held back by alice's quota
         with pytest.raises(grpc.RpcError) as err:
             bob.Start(sleep)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "on this server" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "on this server" in (
+            err.value.details() or ""
+        )
         # streams: two live ones per user
         s1 = alice.Stream(pb.StreamRequest(id=a1.id))
         s2 = alice.Stream(pb.StreamRequest(id=a2.id))
         time.sleep(0.5)
         with pytest.raises(grpc.RpcError) as err:
             list(alice.Stream(pb.StreamRequest(id=a1.id)))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in (err.value.details() or "")
         bob_stream = bob.Stream(pb.StreamRequest(id=b1.id))  # everyone else is still served
         assert bob.Get(pb.GetRequest(id=b1.id)).status == pb.JOB_STATUS_RUNNING
         for s in (s1, s2, bob_stream):

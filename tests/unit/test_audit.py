@@ -45,9 +45,11 @@ def test_when_the_reserve_cannot_grow_new_calls_are_refused_before_it_runs_out(
     assert "cannot reserve room" in caplog.text
     # a line that cannot be written at all is said in the server log, not lost without a word
     real_write = os.write
-    monkeypatch.setattr(audit.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(
+        "jobsvc.server.audit.os.write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
     with caplog.at_level(logging.ERROR, "jobsvc.audit"):
         log.write('{"method":"Stop","job_id":"abc"}')
     assert "audit line NOT written" in caplog.text and '"job_id":"abc"' in caplog.text
-    monkeypatch.setattr(audit.os, "write", real_write)
+    monkeypatch.setattr("jobsvc.server.audit.os.write", real_write)
     log.close()

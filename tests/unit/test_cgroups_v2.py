@@ -112,7 +112,7 @@ def test_a_busy_group_that_refuses_controllers_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     own = make_own(tmp_path)
-    real_write = v2.write_file
+    real_write = fs.write_file  # the one v2 writes through
 
     def kernel(path: Path | str, value: str) -> None:
         if str(path) == str(own / "cgroup.subtree_control"):
@@ -158,7 +158,7 @@ def test_cpu_swap_and_io_limits(tmp_path: Path) -> None:
 def test_io_max_names_every_set_key_for_a_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     driver, _ = driver_for(tmp_path)
     writes: list[tuple[str, str]] = []
-    real_write = v2.write_file
+    real_write = fs.write_file  # the one v2 writes through
 
     def recording(path: Path | str, value: str) -> None:
         writes.append((Path(path).name, value))
@@ -173,7 +173,7 @@ def test_a_refused_limit_fails_naming_the_field_and_removes_the_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     driver, _ = driver_for(tmp_path)
-    real_write = v2.write_file
+    real_write = fs.write_file  # the one v2 writes through
 
     def refusing_kernel(path: Path | str, value: str) -> None:
         if str(path).endswith("io.max"):
@@ -221,7 +221,7 @@ def test_processes_in_groups_the_job_made_count_and_destroy_removes_those_groups
     (job / "a" / "b" / "cgroup.procs").write_text("12\n13\n")
     assert sorted(group.pids()) == [10, 11, 12, 13]
     (job / "cgroup.events").write_text("populated 1\nfrozen 0\n")
-    assert group.populated()  # type: ignore[attr-defined]
+    assert group.populated()
 
 
 async def test_destroy_removes_nested_groups_and_the_instance_goes_last(tmp_path: Path) -> None:

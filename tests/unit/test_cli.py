@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -368,7 +369,7 @@ def test_every_duration_option_reads_durations_alike(fake: FakeClient, text: str
     assert invoke(fake, "wait", "abcd", "--timeout", text).exit_code == 137
     assert fake.calls[-1] == ("wait", ("abcd", seconds))
     assert invoke(fake, "list", "--since", text).exit_code == 0
-    assert fake.calls[-1] == ("list", ((), seconds))
+    assert fake.calls[-1:] == [("list", ((), seconds))]
     obj: dict[str, Any] = {"client_factory": lambda: fake}
     assert CliRunner().invoke(cli, ["--timeout", text, "list"], obj=obj).exit_code == 0
     assert obj["timeout"] == seconds
@@ -487,3 +488,190 @@ def test_an_end_no_server_saw_says_so_rather_than_exit_none() -> None:
     assert "None" not in render.record_text(restarted, NOW) and "None" not in render.table([restarted], NOW)
     assert render.outcome(record(status=JobStatus.FINISHED, ended_at=NOW, exit_code=0)) == "finished (exit 0)"
     assert render.outcome(record(status=JobStatus.STOPPED, ended_at=NOW, signal=15)) == "stopped (SIGTERM)"
+
+
+# -- issue 18.4: one settings resolver: flag > JOBCTL_* variable > context > default, in every path ---------------
+
+SETTING_VARS = {
+    "target": "JOBCTL_TARGET",
+    "ca_cert": "JOBCTL_CA_CERT",
+    "client_cert": "JOBCTL_CLIENT_CERT",
+    "client_key": "JOBCTL_CLIENT_KEY",
+    "timeout": "JOBCTL_TIMEOUT",
+}
+DEFAULTS: dict[str, Any] = {
+    "target": "127.0.0.1:50051",
+    "ca_cert": Path(".jobsvc/pki/ca.pem"),
+    "client_cert": Path(".jobsvc/pki/alice.pem"),
+    "client_key": Path(".jobsvc/pki/alice-key.pem"),
+    "timeout": 10.0,
+}
+CONFIG = """current_context = "a"
+[contexts.a]
+target = "127.0.0.1:1001"
+ca_cert = "~/a/ca.pem"
+client_cert = "~/a/me.pem"
+client_key = "~/a/me-key.pem"
+timeout = 3
+[contexts.b]
+target = "127.0.0.1:1002"
+"""
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home with CONFIG as jobctl's config and no JOBCTL_* variable set."""
+    for var in [*SETTING_VARS.values(), "JOBCTL_CONTEXT"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ".config"))
+    (tmp_path / ".config" / "jobctl").mkdir(parents=True)
+    (tmp_path / ".config" / "jobctl" / "config.toml").write_text(CONFIG)
+    return tmp_path
+
+
+class RecordingClient:
+    """Stands in for jobctl.client.JobClient: records the settings each client was made with."""
+
+    made: list[dict[str, Any]]
+
+    def __init__(
+        self, target: str, ca_cert: Path, client_cert: Path, client_key: Path, timeout: float | None = 10.0
+    ) -> None:
+        self.settings: dict[str, Any] = {
+            "target": target,
+            "ca_cert": ca_cert,
+            "client_cert": client_cert,
+            "client_key": client_key,
+            "timeout": timeout,
+        }
+        self.made.append(self.settings)
+
+    def __enter__(self) -> RecordingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def list(self, status: Any = (), since: Any = None, limit: Any = None) -> list[JobRecord]:
+        n = int(self.settings["target"].rpartition(":")[2]) % 1000  # which server answers: 1001 -> 1, 1002 -> 2
+        return [record(id=f"{n}{n}{n}{n}0000-0000-4000-8000-000000000001", started_at=NOW - dt.timedelta(seconds=n))]
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The settings of every JobClient jobctl makes (none reaches a server)."""
+    from jobctl import client as client_module
+
+    clients: list[dict[str, Any]] = []
+    monkeypatch.setattr(RecordingClient, "made", clients, raising=False)
+    monkeypatch.setattr(client_module, "JobClient", RecordingClient)
+    return clients
+
+
+def _levels(home: Path, key: str) -> dict[str, tuple[list[str], dict[str, str], Any]]:
+    """For each level the setting can come from: (flags, variables, the value it must resolve to)."""
+    flag = {"target": "127.0.0.1:7001", "timeout": "1s"}.get(key, f"/flag/{key}.pem")
+    var = {"target": "127.0.0.1:7002", "timeout": "2s"}.get(key, f"/var/{key}.pem")
+    want_flag: Any = {"target": flag, "timeout": 1.0}.get(key, Path(flag))
+    want_var: Any = {"target": var, "timeout": 2.0}.get(key, Path(var))
+    from_context: Any = {"target": "127.0.0.1:1001", "timeout": 3.0}.get(key)
+    if from_context is None:
+        from_context = home / "a" / {"ca_cert": "ca.pem", "client_cert": "me.pem", "client_key": "me-key.pem"}[key]
+    option = "--" + key.replace("_", "-")
+    return {
+        "flag": ([option, flag], {SETTING_VARS[key]: var}, want_flag),
+        "variable": ([], {SETTING_VARS[key]: var}, want_var),
+        "context": ([], {}, from_context),  # ~ in the config is the user's home
+        "default": (["--context", "b"], {}, DEFAULTS[key]),  # b does not set it (its target is b's own)
+    }
+
+
+@pytest.mark.parametrize("level", ["flag", "variable", "context", "default"])
+@pytest.mark.parametrize("key", list(SETTING_VARS))
+def test_a_command_takes_each_setting_from_flag_then_variable_then_context_then_default(
+    fake: FakeClient, home: Path, key: str, level: str
+) -> None:
+    flags, env, want = _levels(home, key)[level]
+    if level == "default" and key == "target":
+        want = "127.0.0.1:1002"
+    obj: dict[str, Any] = {"client_factory": lambda: fake}
+    result = CliRunner(env=env).invoke(cli, [*flags, "list"], obj=obj)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert obj[key] == want
+
+
+@pytest.mark.parametrize("level", ["flag", "variable", "context"])
+@pytest.mark.parametrize("key", list(SETTING_VARS))
+def test_all_contexts_resolves_each_context_alike_and_flags_still_win(
+    made: list[dict[str, Any]], home: Path, key: str, level: str
+) -> None:
+    flags, env, want = _levels(home, key)[level]
+    result = CliRunner(env=env).invoke(cli, [*flags, "list", "--all-contexts", "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    by_target = {m["target"]: m for m in made}
+    if level in ("flag", "variable"):
+        assert [m[key] for m in made] == [want, want]  # the user's setting wins on every context
+        if key != "target":
+            assert set(by_target) == {"127.0.0.1:1001", "127.0.0.1:1002"}
+        return
+    a, b = by_target["127.0.0.1:1001"], by_target["127.0.0.1:1002"]
+    assert a[key] == (want if key != "target" else "127.0.0.1:1001")
+    # b sets only its target: the rest are the defaults, not the values of a, the selected context
+    assert b[key] == ("127.0.0.1:1002" if key == "target" else DEFAULTS[key])
+    assert [r["context"] for r in json.loads(result.stdout)] == ["b", "a"]  # oldest first: b's job started later
+
+
+def test_all_contexts_ca_cert_flag_is_used_for_every_context(made: list[dict[str, Any]], home: Path) -> None:
+    # issue 18: --ca-cert was ignored with --all-contexts, and the error then told the user to set --ca-cert
+    result = CliRunner().invoke(cli, ["--ca-cert", "/mine/ca.pem", "list", "--all-contexts"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert sorted((m["target"], m["ca_cert"]) for m in made) == [
+        ("127.0.0.1:1001", Path("/mine/ca.pem")),
+        ("127.0.0.1:1002", Path("/mine/ca.pem")),
+    ]
+
+
+def _complete(args: list[str], incomplete: str = "") -> list[str]:
+    from click.shell_completion import ShellComplete
+
+    return [
+        item.value for item in ShellComplete(cli, {}, "jobctl", "_JOBCTL_COMPLETE").get_completions(args, incomplete)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "target", "ca_cert"),
+    [
+        (["get"], {}, "127.0.0.1:1001", "a/ca.pem"),  # the current context
+        (["--context", "b", "get"], {}, "127.0.0.1:1002", ".jobsvc/pki/ca.pem"),
+        (["stream", "--id"], {"JOBCTL_CONTEXT": "b"}, "127.0.0.1:1002", ".jobsvc/pki/ca.pem"),
+        (["--ca-cert", "/mine/ca.pem", "wait"], {}, "127.0.0.1:1001", "/mine/ca.pem"),
+        (["stop"], {"JOBCTL_TARGET": "127.0.0.1:7002"}, "127.0.0.1:7002", "a/ca.pem"),
+        (["--target", "127.0.0.1:7001", "get"], {"JOBCTL_TARGET": "127.0.0.1:7002"}, "127.0.0.1:7001", "a/ca.pem"),
+    ],
+)
+def test_completion_of_ids_asks_the_selected_contexts_server_with_its_certificates(
+    made: list[dict[str, Any]],
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    target: str,
+    ca_cert: str,
+) -> None:
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    ids = _complete(args)
+    assert len(made) == 1
+    assert made[0]["target"] == target
+    assert made[0]["ca_cert"] == (home / ca_cert if ca_cert.startswith("a/") else Path(ca_cert))
+    n = int(target.rpartition(":")[2]) % 1000
+    assert ids == [f"{n}{n}{n}{n}0000-0000-4000-8000-000000000001"]
+    assert _complete(args, "9") == []  # only the ids that begin with what is typed
+
+
+def test_completion_is_quiet_when_the_config_is_broken(made: list[dict[str, Any]], home: Path) -> None:
+    (home / ".config" / "jobctl" / "config.toml").write_text('current_context = "gone"\n')
+    assert _complete(["get"]) == []
+    assert made == []

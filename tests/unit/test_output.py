@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,7 +190,7 @@ async def test_retention_drops_whole_old_segments_and_a_keeping_up_reader_misses
     assert log.size - log.start <= 4096 and log.start > 0 and log.start % 1024 == 0
     assert len(list((tmp_path / "out").glob("*.seg"))) <= 5
     log.close()
-    await reader.aclose()
+    await reader.aclose()  # type: ignore[attr-defined]  # follow() is an async generator
 
 
 async def test_a_reader_behind_the_window_is_told_by_the_offsets(tmp_path: Path) -> None:
@@ -275,13 +277,11 @@ async def test_a_reader_asks_for_its_chunk_size_before_each_read(tmp_path: Path)
 def _writes_then_crash(directory: Path, crash_after: int) -> None:
     """In a child: alternate stdout and stderr appends, and die like kill -9 right after the crash_after-th
     write syscall (index or data)."""
-    import jobsvc.output as output
-
     calls = 0
     real_write, real_pwrite = os.write, os.pwrite
 
-    def counted(real):  # type: ignore[no-untyped-def]
-        def call(*args):  # type: ignore[no-untyped-def]
+    def counted(real: Callable[..., int]) -> Callable[..., int]:
+        def call(*args: Any) -> int:
             nonlocal calls
             result = real(*args)
             calls += 1
@@ -291,8 +291,8 @@ def _writes_then_crash(directory: Path, crash_after: int) -> None:
 
         return call
 
-    output.os.write = counted(real_write)  # type: ignore[assignment]
-    output.os.pwrite = counted(real_pwrite)  # type: ignore[assignment]
+    os.write = counted(real_write)  # the os module jobsvc.output writes through
+    os.pwrite = counted(real_pwrite)
     log = OutputLog(directory, segment_size=1 << 16)
     for i in range(12):
         log.append(STDOUT if i % 2 == 0 else STDERR, (b"o" if i % 2 == 0 else b"e") * (3000 + i))
@@ -357,10 +357,9 @@ async def test_bytes_with_no_run_record_are_counted_lost_not_shown_under_a_guess
 async def test_runs_carry_the_time_they_were_read_and_since_finds_the_first_byte_after_a_moment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import jobsvc.output as output
 
     now = [1_000_000.0]
-    monkeypatch.setattr(output.time, "time", lambda: now[0])
+    monkeypatch.setattr("jobsvc.output.time.time", lambda: now[0])
     log = OutputLog(tmp_path / "out", segment_size=1 << 16)
     log.append(STDOUT, b"a1\n")
     now[0] += 0.05

@@ -112,3 +112,116 @@ def test_the_tail_is_asked_once_then_the_next_byte() -> None:
     data, _ = run(server, Clock(), tail=3)
     assert server.opens == [(0, 3), (7, None)]
     assert data == DATA
+
+
+def test_a_stream_begun_mid_way_resumes_at_the_byte_after_the_last_one_written() -> None:
+    clock = Clock()
+    server = FakeServer([2, REFUSED, 1, None])
+    data, said = run(server, clock, from_offset=100)
+    assert data == DATA[100:]
+    assert [p for p, _ in server.opens] == [100, 114, 114, 121]
+    assert [line for line in said if line.startswith("reconnected")] == [
+        "reconnected after 1.5s; resuming at byte 114",  # slept 0.5 s, refused, slept 1 s
+        "reconnected after 0.5s; resuming at byte 121",  # the backoff starts again after progress
+    ]
+
+
+def test_backoff_doubles_to_its_cap_and_starts_again_after_progress() -> None:
+    clock = Clock()
+    server = FakeServer([1, *[REFUSED] * 6, 1, REFUSED, None])
+    data, _ = run(server, clock)
+    assert data == DATA
+    # 0.5, 1, 2, 4, then the 5 s cap; after bytes came again, the next outage begins at 0.5 s
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 0.5, 1.0]
+
+
+def test_every_stream_opened_is_closed_the_dropped_ones_too() -> None:
+    opened: list[Closable] = []
+
+    def open_stream(position: int, tail: int | None) -> Iterator[Output]:
+        stream = Closable(FakeServer([None if opened else 2]).open(position, tail))
+        opened.append(stream)
+        return stream
+
+    clock = Clock()
+    chunks = follow(open_stream, sleep=clock.sleep, clock=clock)
+    assert b"".join(c.data for c in chunks) == DATA
+    assert len(opened) == 2 and all(s.closed for s in opened)
+
+
+class Closable:
+    """A stream with close(), as grpc's call objects have."""
+
+    def __init__(self, chunks: Iterator[Output]) -> None:
+        self.chunks, self.closed = chunks, False
+
+    def __iter__(self) -> Iterator[Output]:
+        return self
+
+    def __next__(self) -> Output:
+        return next(self.chunks)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_giving_up_names_the_offset_to_go_on_from() -> None:
+    clock = Clock()
+    server = FakeServer([5, *[REFUSED] * 100])
+    with pytest.raises(UnavailableError) as raised:
+        run(server, clock, reconnect_for=3.0)
+    assert str(raised.value).endswith("(to go on later: jobctl stream --from-offset 35 ID)")
+    assert [p for p, _ in server.opens][:2] == [0, 35]
+
+
+def test_a_drop_after_the_last_byte_says_no_output_came_after() -> None:
+    opens: list[int] = []
+
+    def open_stream(position: int, tail: int | None) -> Iterator[Output]:
+        opens.append(position)
+        if position == 0:
+            yield Output(1, 0, DATA)
+            raise ConnectionLostError("the connection to jobsvc at 127.0.0.1:50051 was lost (Socket closed)")
+        # the job had ended: the reopened stream ends at once
+
+    clock, said = Clock(), list[str]()
+    chunks = follow(open_stream, notify=said.append, sleep=clock.sleep, clock=clock)
+    assert b"".join(c.data for c in chunks) == DATA
+    assert opens == [0, len(DATA)]
+    assert said[-1] == f"reconnected after 0.5s; no output after byte {len(DATA)}"
+
+
+def test_jobctl_stream_resumes_a_dropped_stream_once_and_since_only_places_the_first_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+    from jobctl import resume
+    from jobctl.main import cli
+
+    monkeypatch.setattr(resume, "FIRST_DELAY", 0.0)  # no real sleep in a unit test
+    server = FakeServer([3, None])
+    asked: list[tuple[int, int | None]] = []
+
+    class Client:
+        def stream(
+            self,
+            job_id: str,
+            from_offset: int,
+            follow: bool,
+            only: int | None,
+            tail: int | None,
+            since_ms: int | None,
+        ) -> Iterator[Output]:
+            asked.append((from_offset, since_ms))
+            return server.open(from_offset, tail)
+
+        def close(self) -> None:
+            pass
+
+    result = CliRunner().invoke(
+        cli, ["stream", "abcd", "--since", "2026-12-01T10:00:00Z"], obj={"client_factory": Client}
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stdout_bytes == DATA  # each byte once, in order
+    assert asked == [(0, 1_796_119_200_000), (21, None)]
+    assert "reconnecting for up to 60s to resume at byte 21" in result.stderr

@@ -10,7 +10,7 @@ import pytest
 def test_the_system_tests_skip_reason_as_non_root(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.system import conftest
 
-    monkeypatch.setattr(conftest.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("tests.system.conftest.os.geteuid", lambda: 1000)
     assert conftest._why_not() == "system tests need root"
 
 
