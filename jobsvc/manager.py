@@ -360,7 +360,8 @@ class JobManager:
         """Make the job's directories and groups, spawn it and write its record; on failure undo all of it.
 
         Each step pushes its undo as it succeeds, so a failure undoes exactly what was done, newest first: the
-        pipes, the output log, the groups (emptied), the state-dir entry, the directories, the uid.
+        pipes, the job's own end record, the output log, the groups (emptied), the state-dir entry, the directories,
+        the uid.
         """
         job_id = self._new_id()
         async with contextlib.AsyncExitStack() as undo:
@@ -373,6 +374,7 @@ class JobManager:
                 output = OutputLog(self._store.output_dir(job_id), segment_size_for(max_out), max_out)
                 undo.callback(output.close)
                 job = self._new_job(job_id, owner, spec, lodging, group, output)
+                undo.callback(job.abandon)
                 await self._spawn(job, spec, self._request(spec, lodging, group), undo)
                 record = job.record()
                 await self._write(record)  # acknowledged only once it is on disk

@@ -54,6 +54,12 @@ async def settled(e: Engine, job_id: str) -> None:
         await asyncio.sleep(0.001)
 
 
+async def supervised(job_id: str) -> None:
+    """Until the job's supervision (the task that ends it, named job-<id>) is over."""
+    while any(t.get_name() == f"job-{job_id}" for t in asyncio.all_tasks()):
+        await asyncio.sleep(0.001)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -215,8 +221,11 @@ async def test_a_full_state_disk_at_the_record_is_resource_exhausted_and_undone(
         await engine.manager.start(ALICE, ["job"])
     proc = engine.process("0000aaaa-full")
     assert not proc.alive and proc.received == [signal.SIGKILL]  # it had started: its group was emptied
-    await asyncio.sleep(0)
-    monkeypatch.undo()
+    monkeypatch.undo()  # the disk has room again when the killed job's end comes
+    await supervised("0000aaaa-full")
+    assert not engine.store.job_dir("0000aaaa-full").exists()  # its end wrote no record of a job never started
+    engine.manager.collect_garbage()
+    assert not engine.store.job_dir("0000aaaa-full").exists()
     assert engine.manager.list(ALICE) == []
     assert "0000aaaa-full" in engine.work.removed and engine.users.held == set()
     assert open_fds() == fds
