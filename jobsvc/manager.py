@@ -435,7 +435,9 @@ class JobManager:
                 pid, exit_status = await spawner.spawn(request, out_w, err_w)
             except SpawnError as e:
                 raise _spawn_error(spec.argv[0], e, spec.workdir) from None
-        job.attach(pid, exit_status, out_r.detach(), err_r.detach())
+        job.attach(pid, exit_status, out_r.fileno(), err_r.fileno())
+        out_r.detach()  # the job's now: it closes them at EOF
+        err_r.detach()
 
     def _live_spawner(self) -> Spawner:
         if not self._spawner.alive:
