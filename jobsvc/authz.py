@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -12,12 +11,5 @@ class Authz:
 
     admins: frozenset[str] = field(default_factory=frozenset)
 
-    @classmethod
-    def with_admins(cls, subjects: Iterable[str]) -> Authz:
-        return cls(frozenset(subjects))
-
     def is_admin(self, identity: str) -> bool:
         return identity in self.admins
-
-    def may_act_on(self, identity: str, owner: str) -> bool:
-        return identity == owner or self.is_admin(identity)

@@ -188,6 +188,11 @@ class Job:
         await self._ended.wait()
         return self.record()
 
+    def abandon(self) -> None:
+        """Its Start failed after the spawn (the job is being killed): its end writes no record, as none was
+        acknowledged; a late one would bring back, after a restart, a job its client was told did not start."""
+        self._persist = None
+
     # -- running ----------------------------------------------------------------------------------------------------
 
     def attach(self, pid: int, exit_status: asyncio.Future[int], stdout_r: int, stderr_r: int) -> None:

@@ -10,31 +10,32 @@ import datetime as dt
 import errno
 import functools
 import logging
-import math
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobsvc.authz import Authz
 from jobsvc.budget import Budget
 from jobsvc.catalog import Catalog
-from jobsvc.cgroups.base import ENDED, CgroupDriver, detect
+from jobsvc.cgroups.base import ENDED, CgroupDriver, JobGroup, detect
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, not_found
 from jobsvc.heap import release_free_heap
 from jobsvc.job import Clock, Job, utc_now
-from jobsvc.limits import LimitPolicy, resolve_devices, validate
+from jobsvc.limits import LimitPolicy
 from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
+from jobsvc.pipe import pipe
 from jobsvc.quota import Quota
 from jobsvc.retention import EndedJobs, Policy
-from jobsvc.spawn import Spawner, SpawnError, SpawnRequest
+from jobsvc.spawn import HelperSpawner, Spawner, SpawnError, SpawnRequest
+from jobsvc.spec import JobSpec, validate_spec
 from jobsvc.states import JobStatus
 from jobsvc.store import JobStore
-from jobsvc.users import DYNAMIC_RANGE, JobUser, UidPool, named_user
-from jobsvc.workroot import WorkRoot
+from jobsvc.users import DYNAMIC_RANGE, FixedUser, JobUser, UidPool, UserPool, named_user
+from jobsvc.workroot import WorkRoot, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -81,37 +82,20 @@ class EngineConfig:
     max_timeout: float | None = None
 
 
-def check_env(env: Mapping[str, bytes | str], deny: frozenset[str]) -> dict[bytes, bytes]:
-    """Environment variables a client asked for, as bytes; refuses names execve cannot carry or the server denies."""
-    out: dict[bytes, bytes] = {}
-    for name, value in env.items():
-        if not name or "=" in name or "\0" in name:
-            raise InvalidArgumentError(f"environment variable name {name!r} is invalid (empty, '=' or NUL)")
-        if name in deny:
-            raise InvalidArgumentError(f"environment variable {name} is not allowed by this server")
-        raw = os.fsencode(value)
-        if b"\0" in raw:
-            raise InvalidArgumentError(f"environment variable {name} contains a NUL byte")
-        out[os.fsencode(name)] = raw
-    return out
+def user_pool(config: EngineConfig) -> UserPool:
+    """The users jobs run as, as configured: one named account, or a transient uid per job."""
+    if config.job_user is not None:
+        return FixedUser(named_user(config.job_user))
+    return UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
 
 
-def check_argv(argv: Iterable[bytes | str], max_bytes: int, max_argc: int) -> tuple[bytes, ...]:
-    """argv as bytes, refusing what execve cannot take or the server will not."""
-    args = tuple(os.fsencode(a) for a in argv)
-    if not args:
-        raise InvalidArgumentError("command is empty")
-    if not args[0]:
-        raise InvalidArgumentError("command name (argv[0]) is empty")
-    if len(args) > max_argc:
-        raise InvalidArgumentError(f"command has {len(args)} arguments, at most {max_argc} allowed")
-    total = sum(len(a) + 1 for a in args)
-    if total > max_bytes:
-        raise InvalidArgumentError(f"command is {total} bytes, at most {max_bytes} allowed")
-    for i, a in enumerate(args):
-        if b"\0" in a:
-            raise InvalidArgumentError(f"argv[{i}] contains a NUL byte")
-    return args
+@dataclass(frozen=True)
+class Lodging:
+    """Where a job being started lives: its user, its fresh working directory (HOME), its private /tmp dirs."""
+
+    user: JobUser
+    home: Path
+    private: tuple[str, str] | None
 
 
 class JobManager:
@@ -124,12 +108,18 @@ class JobManager:
         spawner: Spawner,
         store: JobStore,
         clock: Clock = utc_now,
+        *,
+        users: UserPool | None = None,
+        work: Workspace | None = None,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
+        """The engine over its edges; users and work default to the configured ones (JobManager.open)."""
         self.config = config
         self._driver = driver
         self._spawner = spawner
         self._store = store
         self._clock = clock
+        self._new_id = new_id
         self._jobs: Catalog[Job] = Catalog()
         self._live: dict[str, Job] = {}  # the running jobs (their output still grows)
         self._ended: EndedJobs[Job] = EndedJobs()  # the ended ones, in the order they ended (retention)
@@ -139,10 +129,9 @@ class JobManager:
         self._budgets: dict[str, Budget] = {}
         self._share = user_share(config, store.root)
         self._authz = Authz(config.admins)
-        self._fixed_user = named_user(config.job_user) if config.job_user is not None else None
-        self._uids = UidPool(*config.uid_range, lock_dir=config.uid_lock_dir)
-        self._work = WorkRoot(config.work_root)
-        self._users: dict[str, JobUser] = {}
+        self._uids = users if users is not None else user_pool(config)
+        self._work = work if work is not None else WorkRoot(config.work_root)
+        self._users: dict[str, JobUser] = {}  # a running job's id -> the user it holds
         self._running = Quota("running jobs", config.max_running_per_user, config.max_running_total)
         self._streams = Quota("concurrent streams", config.max_streams_per_user)  # .total sizes the messages
         self._trim_due = False  # the last open stream ended: give its buffers back (janitor)
@@ -167,7 +156,7 @@ class JobManager:
                 driver = detect(store.instance_id())
             log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
             # after detect(): on v2 the server has moved into its leaf, and the helper follows
-            spawner = Spawner.launch()
+            spawner = HelperSpawner.launch()
         except BaseException:
             store.close()
             raise
@@ -187,49 +176,47 @@ class JobManager:
                 self._store.remove(name)
             else:
                 log.warning("state dir: skipping %s: %s", name, why)
-        known = set()
-        restored: list[Job] = []
-        for record in records:
-            known.add(record.id)
-            if record.status.ended:  # its groups went with it; its output is read when someone streams it
-                output = OutputLog.ended(
-                    self._store.output_dir(record.id),
-                    record.output_bytes,
-                    record.output_dropped_bytes,
-                    record.output_lost_bytes,
-                )
-                restored.append(Job.restore(record, ENDED, output))
-                continue
-            group = self._driver.open(record.id)
-            await group.kill()
-            await group.destroy()
-            self._work.retire(record.id)  # as at a job's end: its uid will run other jobs
-            self._work.remove_private(record.id)
-            output = OutputLog.recover(self._store.output_dir(record.id))
-            record = dataclasses.replace(
-                record,
-                status=JobStatus.STOPPED,
-                reason="server restarted",
-                ended_at=self._clock(),
-                output_bytes=output.size,
-                output_dropped_bytes=output.start,
-            )
-            self._save(record)
-            restored.append(Job.restore(record, group, output))
+        restored = [self._restore(r) if r.status.ended else await self._take_over(r) for r in records]
         self._jobs.extend(restored)
         for job in restored:
             self._budget(job.owner).used += job.output_bytes
         epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
         for job in sorted(restored, key=lambda j: j.ended_at or epoch):
             self._ended.add(job)
-        for orphan in set(self._driver.existing()) - known:
+        for orphan in set(self._driver.existing()) - {r.id for r in records}:
             log.warning("removing cgroup of unknown job %s", orphan)
-            group = self._driver.open(orphan)
-            await group.kill()
-            await group.destroy()
+            await _discard_group(self._driver.open(orphan))
         if records or self.skipped:
             log.info("state dir: %d jobs restored, %d entries skipped", len(records), len(self.skipped))
         self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
+
+    def _restore(self, record: JobRecord) -> Job:
+        """An ended job: its groups went with it; its output is read when someone streams it."""
+        output = OutputLog.ended(
+            self._store.output_dir(record.id),
+            record.output_bytes,
+            record.output_dropped_bytes,
+            record.output_lost_bytes,
+        )
+        return Job.restore(record, ENDED, output)
+
+    async def _take_over(self, record: JobRecord) -> Job:
+        """A job the last server left running: killed, its groups removed, recorded as stopped."""
+        group = self._driver.open(record.id)
+        await _discard_group(group)
+        self._work.retire(record.id)  # as at a job's end: its uid will run other jobs
+        self._work.remove_private(record.id)
+        output = OutputLog.recover(self._store.output_dir(record.id))
+        record = dataclasses.replace(
+            record,
+            status=JobStatus.STOPPED,
+            reason="server restarted",
+            ended_at=self._clock(),
+            output_bytes=output.size,
+            output_dropped_bytes=output.start,
+        )
+        self._save(record)
+        return Job.restore(record, group, output)
 
     def _budget(self, owner: str) -> Budget:
         budget = self._budgets.get(owner)
@@ -338,23 +325,12 @@ class JobManager:
         """
         if self._closed:
             raise UnavailableError("the server is shutting down")
-        args = check_argv(argv, self.config.max_argv_bytes, self.config.max_argc)
-        extra_env = check_env(env or {}, self.config.deny_env)
-        if sum(len(a) + 1 for a in args) + sum(len(k) + len(v) + 2 for k, v in extra_env.items()) > (
-            self.config.max_argv_bytes
-        ):
-            raise InvalidArgumentError(f"command and environment are over {self.config.max_argv_bytes} bytes together")
-        if workdir is not None and not os.path.isabs(workdir):
-            raise InvalidArgumentError(f"workdir must be an absolute path, got {workdir!r}")
-        timeout = self._check_timeout(timeout)
-        limits = validate(resolve_devices(limits or Limits()), self.config.policy)
+        spec = validate_spec(argv, limits, env, workdir, timeout, self.config)
         self._check_disk()
         # The slot is taken before the first await and given back on every way out but success; a check here and
         # a count after the spawn let hundreds of Starts through.
         self._running.take(owner)
-        launch = asyncio.get_running_loop().create_task(
-            self._start_tracked(owner, args, limits, extra_env, workdir, timeout)
-        )
+        launch = asyncio.get_running_loop().create_task(self._start_tracked(owner, spec))
         self._launching.add(launch)
         launch.add_done_callback(self._launching.discard)
         # From the slot on, a Start completes or undoes itself whatever its caller does: cut short by a cancelled
@@ -366,18 +342,10 @@ class JobManager:
             launch.add_done_callback(functools.partial(_log_orphaned_start, owner))
             raise
 
-    async def _start_tracked(
-        self,
-        owner: str,
-        args: tuple[bytes, ...],
-        limits: Limits,
-        extra_env: dict[bytes, bytes],
-        workdir: str | None,
-        timeout: float | None,
-    ) -> JobRecord:
+    async def _start_tracked(self, owner: str, spec: JobSpec) -> JobRecord:
         """Launch, then track: the job is in List, stoppable and counted from the moment its record is on disk."""
         try:
-            job, user, record = await self._launch(owner, args, limits, extra_env, workdir, timeout)
+            job, user, record = await self._launch(owner, spec)
         except BaseException:
             self._running.give_back(owner)
             raise
@@ -388,92 +356,96 @@ class JobManager:
         task.add_done_callback(self._tasks.discard)
         return record
 
-    async def _launch(
-        self,
-        owner: str,
-        args: tuple[bytes, ...],
-        limits: Limits,
-        extra_env: dict[bytes, bytes],
-        workdir: str | None,
-        timeout: float | None,
-    ) -> tuple[Job, JobUser, JobRecord]:
-        """Make the job's directory and groups, spawn it and write its record; on failure undo all of it."""
-        job_id = str(uuid.uuid4())
-        user = self._fixed_user or self._uids.acquire()
-        try:
-            fresh_dir = self._work.make_workdir(job_id, user.uid, user.gid)
-            private = self._work.make_private(job_id) if self.config.private_tmp else None
-            group = self._driver.create(job_id, limits)
-        except BaseException:
-            self._release_user(user)
-            self._work.remove(job_id)
-            raise
-        out_r = out_w = err_r = err_w = -1
-        output: OutputLog | None = None
-        try:
-            max_out = self.config.max_output_bytes
-            output = OutputLog(self._store.output_dir(job_id), segment_size_for(max_out), max_out)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            request = SpawnRequest(
-                argv=args,
-                env={**BASE_ENV, b"HOME": os.fsencode(fresh_dir), **extra_env},
-                cwd=os.fsencode(workdir or fresh_dir),
-                join_files=group.join_files,
-                uid=user.uid,
-                gid=user.gid,
-                umask=JOB_UMASK,
-                private_dirs=private,
-            )
-            job = Job(
-                job_id,
-                owner,
-                args,
-                limits,
-                group,
-                output,
-                self._clock,
-                uid=user.uid,
-                persist=self._save_async,
-                workdir=workdir or str(fresh_dir),
-                timeout=timeout,
-                timeout_grace=self.config.default_grace,
-                budget=self._budget(owner),
-            )
-            if not self._spawner.alive:
-                # Its jobs lost their parent (they are being killed); new jobs get a new helper.
-                log.error("the spawn helper died; starting a new one")
-                self._spawner.close()
-                self._spawner = Spawner.launch()
+    async def _launch(self, owner: str, spec: JobSpec) -> tuple[Job, JobUser, JobRecord]:
+        """Make the job's directories and groups, spawn it and write its record; on failure undo all of it.
+
+        Each step pushes its undo as it succeeds, so a failure undoes exactly what was done, newest first: the
+        pipes, the job's own end record, the output log, the groups (emptied), the state-dir entry, the directories,
+        the uid.
+        """
+        job_id = self._new_id()
+        async with contextlib.AsyncExitStack() as undo:
+            lodging = self._lodge(job_id, undo)
+            undo.callback(self._store.remove, job_id)
+            group = self._driver.create(job_id, spec.limits)
+            undo.push_async_callback(_discard_group, group)
+            with _state_dir_full():
+                max_out = self.config.max_output_bytes
+                output = OutputLog(self._store.output_dir(job_id), segment_size_for(max_out), max_out)
+                undo.callback(output.close)
+                job = self._new_job(job_id, owner, spec, lodging, group, output)
+                undo.callback(job.abandon)
+                await self._spawn(job, spec, self._request(spec, lodging, group), undo)
+                record = job.record()
+                await self._write(record)  # acknowledged only once it is on disk
+            undo.pop_all()
+        return job, lodging.user, record
+
+    def _lodge(self, job_id: str, undo: contextlib.AsyncExitStack) -> Lodging:
+        """A uid for the job and its directories, each given back by undo."""
+        user = self._uids.acquire()
+        undo.callback(self._uids.release, user)
+        undo.callback(self._work.remove, job_id)
+        home = self._work.make_workdir(job_id, user.uid, user.gid)
+        private = self._work.make_private(job_id) if self.config.private_tmp else None
+        return Lodging(user, home, private)
+
+    def _request(self, spec: JobSpec, lodging: Lodging, group: JobGroup) -> SpawnRequest:
+        return SpawnRequest(
+            argv=spec.argv,
+            env={**BASE_ENV, b"HOME": os.fsencode(lodging.home), **spec.env},
+            cwd=os.fsencode(spec.workdir or lodging.home),
+            join_files=group.join_files,
+            uid=lodging.user.uid,
+            gid=lodging.user.gid,
+            umask=JOB_UMASK,
+            private_dirs=lodging.private,
+        )
+
+    def _new_job(
+        self, job_id: str, owner: str, spec: JobSpec, lodging: Lodging, group: JobGroup, output: OutputLog
+    ) -> Job:
+        return Job(
+            job_id,
+            owner,
+            spec.argv,
+            spec.limits,
+            group,
+            output,
+            self._clock,
+            uid=lodging.user.uid,
+            persist=self._save_async,
+            workdir=spec.workdir or str(lodging.home),
+            timeout=spec.timeout,
+            timeout_grace=self.config.default_grace,
+            budget=self._budget(owner),
+        )
+
+    async def _spawn(self, job: Job, spec: JobSpec, request: SpawnRequest, undo: contextlib.AsyncExitStack) -> None:
+        """Start the job's process on two fresh pipes; the job takes their read ends, the process the write ends."""
+        out_r, out_w = pipe()
+        undo.enter_context(out_r)
+        undo.enter_context(out_w)
+        err_r, err_w = pipe()
+        undo.enter_context(err_r)
+        undo.enter_context(err_w)
+        spawner = self._live_spawner()
+        with out_w, err_w:  # the process has its own copies now: its end is the pipes' EOF
             try:
-                pid, exit_status = await self._spawner.spawn(request, out_w, err_w)
+                pid, exit_status = await spawner.spawn(request, out_w, err_w)
             except SpawnError as e:
-                raise _spawn_error(args[0], e, workdir) from None
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-                out_w = err_w = -1
-            job.attach(pid, exit_status, out_r, err_r)
-            out_r = err_r = -1
-            record = job.record()
-            await self._write(record)  # acknowledged only once it is on disk
-        except BaseException as e:
-            for fd in (out_r, out_w, err_r, err_w):
-                if fd >= 0:
-                    os.close(fd)
-            if output is not None:
-                output.close()
-            await group.kill()
-            await group.destroy()
-            self._store.remove(job_id)
-            self._work.remove(job_id)
-            self._release_user(user)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhaustedError(
-                    "the server's state directory is full; no new jobs until space returns"
-                ) from None
-            raise
-        return job, user, record
+                raise _spawn_error(spec.argv[0], e, spec.workdir) from None
+        job.attach(pid, exit_status, out_r.fileno(), err_r.fileno())
+        out_r.detach()  # the job's now: it closes them at EOF
+        err_r.detach()
+
+    def _live_spawner(self) -> Spawner:
+        if not self._spawner.alive:
+            # Its jobs lost their parent (they are being killed); new jobs get a new helper.
+            log.error("the spawn helper died; starting a new one")
+            self._spawner.close()
+            self._spawner = self._spawner.launch()
+        return self._spawner
 
     async def _on_end(self, job: Job) -> None:
         await job.wait()
@@ -481,7 +453,7 @@ class JobManager:
         self._ended.add(job)  # retention's turn from now on
         # The group is empty, so no process holds the uid any more; nothing it left may stay reachable by it.
         self._work.retire(job.id)
-        self._release_user(self._users.pop(job.id))
+        self._uids.release(self._users.pop(job.id))
         self._running.give_back(job.owner)
         await asyncio.to_thread(self._work.remove_private, job.id)
 
@@ -645,20 +617,6 @@ class JobManager:
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 
-    def _check_timeout(self, timeout: float | None) -> float | None:
-        cfg = self.config
-        if timeout is None:
-            return cfg.default_timeout
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout}")
-        if cfg.max_timeout is not None and timeout > cfg.max_timeout:
-            raise InvalidArgumentError(f"timeout {timeout:g} s exceeds the server's maximum of {cfg.max_timeout:g} s")
-        return timeout
-
-    def _release_user(self, user: JobUser) -> None:
-        if user is not self._fixed_user:
-            self._uids.release(user)
-
     async def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> tuple[str, ...]:
         """Stop every running job and the spawn helper; remove this instance's groups.
 
@@ -733,6 +691,25 @@ def user_share(config: EngineConfig, state_dir: Path) -> int | None:
         st = os.statvfs(state_dir)
         caps.append(st.f_blocks * st.f_frsize)
     return min(caps) // 4 if caps else None
+
+
+async def _discard_group(group: JobGroup) -> None:
+    """Empty the job's groups (SIGKILL) and remove them."""
+    await group.kill()
+    await group.destroy()
+
+
+@contextlib.contextmanager
+def _state_dir_full() -> Iterator[None]:
+    """The state dir's disk refusing (ENOSPC, EDQUOT) is the client's ResourceExhaustedError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhaustedError(
+                "the server's state directory is full; no new jobs until space returns"
+            ) from None
+        raise
 
 
 def _spawn_error(name: bytes, e: SpawnError, workdir: str | None) -> Exception:

@@ -202,13 +202,6 @@ class OutputLog:
             self._last_run_start, self._last_fd, self._last_run_ms = runs[-1]
         self._closed = True
 
-    def remove_files(self) -> None:
-        """Delete the log from disk (retention)."""
-        self._close_files()
-        for p in self._dir.glob("*"):
-            p.unlink(missing_ok=True)
-        self._dir.rmdir()
-
     # -- writer -----------------------------------------------------------------------------------------------------
 
     def _segment_path(self, k: int) -> Path:

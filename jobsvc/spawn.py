@@ -1,10 +1,11 @@
 """Start processes already inside their cgroups, from one small single-threaded helper (jobsvc/spawn_helper.py).
 
 The threaded gRPC server must not fork Python code (preexec_fn is unsafe with threads), and a process must not run a
-single instruction outside its groups. So the server starts the helper process before anything else (Spawner.launch);
-the helper forks, the child joins the job's groups, resets its signals, takes its stdio and execs. Exec failures come
-back on a CLOEXEC status pipe with the errno, never as a fake exit status. The helper is the parent (and a child
-subreaper) of every job, reaps them and reports each leader's wait status to the server.
+single instruction outside its groups. So the server starts the helper process before anything else
+(HelperSpawner.launch); the helper forks, the child joins the job's groups, resets its signals, takes its stdio and
+execs. Exec failures come back on a CLOEXEC status pipe with the errno, never as a fake exit status. The helper is the
+parent (and a child subreaper) of every job, reaps them and reports each leader's wait status to the server.
+The engine sees only the Spawner protocol.
 
 Wire format: SOCK_SEQPACKET, one JSON message per packet; the job's stdout/stderr write ends travel as SCM_RIGHTS.
 """
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from jobsvc.spawn_helper import MAX_MESSAGE
 
@@ -49,21 +50,55 @@ class SpawnRequest:
     private_dirs: tuple[str, str] | None = None
 
 
-class Spawner:
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+class Spawner(Protocol):
+    """What the engine starts jobs with (HelperSpawner here; an in-memory fake in the unit tests)."""
+
+    @property
+    def pid(self) -> int:
+        """The helper's process id (the parent of every job)."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the helper is gone: its jobs are being killed, new ones need a new spawner (launch)."""
+        ...
+
+    async def spawn(self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno) -> tuple[int, asyncio.Future[int]]:
+        """Start a process with these pipe ends as its stdout/stderr; its pid and a future of its wait status.
+
+        Raises SpawnError; the future raises ConnectionError if the helper dies first. The caller keeps (and
+        closes) its own ends."""
+        ...
+
+    def launch(self) -> Spawner:
+        """A new spawner of the same kind, in place of this one once it died."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the helper (its jobs were stopped or are left running)."""
+        ...
+
+
+class HelperSpawner:
     """Server side: talks to the helper from the asyncio loop."""
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self._proc = proc
         self._sock = sock
         self._seq = 0
-        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], asyncio.Future[int] | None]]] = {}
+        # the processes whose exit has not been reported yet: an entry goes when its exit arrives
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone = False
         self._lock = asyncio.Lock()
 
     @classmethod
-    def launch(cls) -> Spawner:
+    def launch(cls) -> HelperSpawner:
         """Start the helper process (safe from a threaded process: Popen execs at once)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (parent, child):
@@ -115,18 +150,20 @@ class Spawner:
                 return
             msg = json.loads(data)
             if "exit" in msg:
-                fut = self._exits.get(msg["exit"])
+                fut = self._exits.pop(msg["exit"], None)  # one report per pid: a server keeps no future per job
                 if fut is not None and not fut.done():
                     fut.set_result(msg["status"])
                 continue
             reply = self._replies.pop(msg["seq"], None)
             if reply is None or reply.done():
                 continue
+            exit_fut: asyncio.Future[int] | None = None
             if "pid" in msg:
-                # Register the exit future before anything else runs: the exit report may be in the next packet.
+                # Register the exit future before anything else runs: the exit report may be in the next packet
+                # (and then it is delivered, and gone from _exits, before spawn() resumes: the reply carries it).
                 assert self._loop is not None
-                self._exits[msg["pid"]] = self._loop.create_future()
-            reply.set_result(msg)
+                exit_fut = self._exits[msg["pid"]] = self._loop.create_future()
+            reply.set_result((msg, exit_fut))
 
     @property
     def alive(self) -> bool:
@@ -144,8 +181,14 @@ class Spawner:
         for exit_fut in self._exits.values():
             if not exit_fut.done():
                 exit_fut.set_exception(err)
+        self._exits.clear()
 
-    async def spawn(self, req: SpawnRequest, stdout: int, stderr: int) -> tuple[int, asyncio.Future[int]]:
+    @property
+    def waiting(self) -> int:
+        """How many started processes have not had their exit reported yet."""
+        return len(self._exits)
+
+    async def spawn(self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno) -> tuple[int, asyncio.Future[int]]:
         """Start a process; returns its pid and a future of its wait status. Raises SpawnError."""
         self._ensure_reader()
         assert self._loop is not None
@@ -165,23 +208,19 @@ class Spawner:
         payload = json.dumps(msg).encode()
         if len(payload) > MAX_MESSAGE:
             raise SpawnError(errno.E2BIG, "request", "the command and environment are too large")
-        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        fut: asyncio.Future[tuple[dict[str, Any], asyncio.Future[int] | None]] = self._loop.create_future()
         self._replies[seq] = fut
         async with self._lock:  # one sendmsg at a time; the socket is non-blocking
             while True:
                 try:
-                    socket.send_fds(self._sock, [payload], [stdout, stderr])
+                    socket.send_fds(self._sock, [payload], [stdout.fileno(), stderr.fileno()])
                     break
                 except BlockingIOError:
                     await asyncio.sleep(0.001)
-        reply = await fut
-        if "pid" in reply:
-            pid = int(reply["pid"])
-            return pid, self._exits[pid]
+        reply, exit_status = await fut
+        if exit_status is not None:
+            return int(reply["pid"]), exit_status
         raise SpawnError(int(reply["errno"]), reply["stage"], reply.get("detail", ""))
-
-    def forget(self, pid: int) -> None:
-        self._exits.pop(pid, None)
 
     def close(self) -> None:
         if self._loop is not None:

@@ -7,6 +7,7 @@ import os
 import pwd
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError
 
@@ -18,6 +19,27 @@ DYNAMIC_RANGE = (61184, 65519)
 class JobUser:
     uid: int
     gid: int
+
+
+class UserPool(Protocol):
+    """Where a job's user comes from; every acquire() is matched by one release() when the job has ended."""
+
+    def acquire(self) -> JobUser: ...
+
+    def release(self, user: JobUser) -> None: ...
+
+
+class FixedUser:
+    """One account for every job (`--job-user`): nothing to hand out or give back."""
+
+    def __init__(self, user: JobUser) -> None:
+        self.user = user
+
+    def acquire(self) -> JobUser:
+        return self.user
+
+    def release(self, user: JobUser) -> None:
+        pass
 
 
 def named_user(name: str) -> JobUser:
@@ -93,10 +115,6 @@ class UidPool:
         if fd is not None:
             os.ftruncate(fd, 0)  # released on purpose: the next holder need not look for its processes
             os.close(fd)
-
-    @property
-    def in_use(self) -> int:
-        return len(self._in_use)
 
 
 def uid_has_processes(uid: int, proc: Path = Path("/proc")) -> bool:

@@ -15,8 +15,23 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 PRIVATE = ".private"
+
+
+class Workspace(Protocol):
+    """The engine's view of where jobs work (WorkRoot; an in-memory fake in the unit tests)."""
+
+    def make_workdir(self, job_id: str, uid: int, gid: int) -> Path: ...
+
+    def make_private(self, job_id: str) -> tuple[str, str]: ...
+
+    def retire(self, job_id: str) -> None: ...
+
+    def remove_private(self, job_id: str) -> None: ...
+
+    def remove(self, job_id: str) -> None: ...
 
 
 class WorkRoot:

@@ -94,19 +94,12 @@ def _client_cert(pem: bytes) -> ClientCert | None:
     return ClientCert(cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), cert.serial_number)
 
 
-def peer_identity(context: aio.ServicerContext) -> str | None:
-    """The full Subject (RFC 4514) of the verified client certificate, or None.
+def peer_cert(context: aio.ServicerContext) -> ClientCert | None:
+    """The verified client certificate of this call, if it is fit to identify a client.
 
     Parsed from the certificate grpc verified (x509_pem_cert): grpc's own x509_subject is in OpenSSL's print form,
-    whose order and escaping differ from RFC 4514, and identity must not depend on a library's formatting. With
-    require_client_auth there is always a verified certificate; without one there is no identity.
+    whose order and escaping differ from RFC 4514, and identity must not depend on a library's formatting.
     """
-    cert = peer_cert(context)
-    return cert.subject if cert is not None else None
-
-
-def peer_cert(context: aio.ServicerContext) -> ClientCert | None:
-    """The verified client certificate of this call, if it is fit to identify a client."""
     pems = list(context.auth_context().get("x509_pem_cert") or ())
     return _client_cert(pems[0]) if pems else None
 

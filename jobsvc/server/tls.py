@@ -122,8 +122,3 @@ def _load_crl(data: bytes, ca_pem: bytes, path: Path) -> frozenset[tuple[str, in
     if not any(crl.is_signature_valid(c.public_key()) for c in issuers):  # type: ignore[arg-type]
         raise CredentialsError(f"CRL {path}: not signed by the CA")
     return frozenset((crl.issuer.rfc4514_string(), r.serial_number) for r in crl)
-
-
-def server_credentials(ca_cert: Path, server_cert: Path, server_key: Path) -> grpc.ServerCredentials:
-    """Static mTLS credentials (the server uses TrustPolicy.credentials(), which can be reloaded)."""
-    return TrustPolicy(TrustFiles(ca_cert, server_cert, server_key)).credentials()

@@ -1,15 +1,14 @@
-"""Error mapping (one place) and id-prefix resolution, without a server."""
+"""Error mapping (one place) and id-prefix resolution and scope (an engine over fakes), without a server."""
 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
-from jobsvc.authz import Authz
 from jobsvc.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -17,8 +16,8 @@ from jobsvc.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from jobsvc.manager import JobManager
 from jobsvc.server.interceptors import _map
+from tests.unit.fakes import Engine, make_engine
 
 
 class FakeContext:
@@ -53,40 +52,51 @@ def test_cancellation_passes_through() -> None:
     assert _map(asyncio.CancelledError(), FakeContext(), "m")[1] is None  # type: ignore[arg-type]
 
 
-def make_manager(ids_by_owner: dict[str, list[str]], admins: frozenset[str] = frozenset()) -> JobManager:
-    import datetime as dt
-
-    from jobsvc.catalog import Catalog
-
-    m = JobManager.__new__(JobManager)
-    m._jobs = Catalog()
-    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+async def make_manager(
+    tmp_path: Path, ids_by_owner: dict[str, list[str]], admins: frozenset[str] = frozenset()
+) -> Engine:
+    """An engine over fakes holding a running job of each id (in this order)."""
+    e = make_engine(tmp_path, admins=admins)
+    await e.manager.reconcile()
     for owner, ids in ids_by_owner.items():
-        for n, i in enumerate(ids):
-            m._jobs.add(SimpleNamespace(id=i, owner=owner, started_at=t0 + dt.timedelta(seconds=n)))  # type: ignore[arg-type]
-    m._authz = Authz(admins)
-    return m
+        e.ids.extend(ids)
+        for _ in ids:
+            await e.manager.start(owner, ["job"])
+    return e
 
 
-def resolve(m: JobManager, owner: str, job_id: str) -> Any:
-    return m._resolve(owner, job_id)
+@pytest.fixture
+async def engines() -> AsyncIterator[list[Engine]]:
+    made: list[Engine] = []
+    yield made
+    for e in made:
+        await e.manager.shutdown(grace=0)
 
 
-def test_prefix_resolution() -> None:
-    m = make_manager({"alice": ["abcd1111-x", "abcd2222-y", "ffff0000-z"], "bob": ["abce9999-q"]})
-    assert resolve(m, "alice", "abcd1111-x").id == "abcd1111-x"
-    assert resolve(m, "alice", "abcd1").id == "abcd1111-x"
-    assert resolve(m, "alice", "ffff").id == "ffff0000-z"
+def resolve(e: Engine, owner: str, job_id: str) -> str:
+    return e.manager.get(owner, job_id).id
+
+
+async def test_prefix_resolution(tmp_path: Path, engines: list[Engine]) -> None:
+    m = await make_manager(tmp_path, {"alice": ["abcd1111-x", "abcd2222-y", "ffff0000-z"], "bob": ["abce9999-q"]})
+    engines.append(m)
+    assert resolve(m, "alice", "abcd1111-x") == "abcd1111-x"
+    assert resolve(m, "alice", "abcd1") == "abcd1111-x"
+    assert resolve(m, "alice", "ffff") == "ffff0000-z"
     with pytest.raises(InvalidArgumentError, match="ambiguous"):
         resolve(m, "alice", "abcd")
     with pytest.raises(NotFoundError):
         resolve(m, "alice", "fff")  # shorter than 4 characters
     with pytest.raises(NotFoundError):
         resolve(m, "alice", "abce")  # bob's job
+    with pytest.raises(NotFoundError):
+        await m.manager.stop("alice", "abce9999-q")  # nor can alice act on it
+    assert m.group("abce9999-q").signals == []
 
 
-def test_not_found_reads_the_same_for_any_id() -> None:
-    m = make_manager({"bob": ["abce9999-q"]})
+async def test_not_found_reads_the_same_for_any_id(tmp_path: Path, engines: list[Engine]) -> None:
+    m = await make_manager(tmp_path, {"bob": ["abce9999-q"]})
+    engines.append(m)
     messages = set()
     for job_id in ("abce9999-q", "00000000-0000", "zzzz", ""):
         with pytest.raises(NotFoundError) as e:
@@ -95,11 +105,13 @@ def test_not_found_reads_the_same_for_any_id() -> None:
     assert len(messages) == 1
 
 
-def test_admins_resolve_every_job() -> None:
-    m = make_manager({"alice": ["abcd1111-x"], "bob": ["ffff0000-z"]}, admins=frozenset({"CN=ops"}))
-    assert resolve(m, "CN=ops", "abcd").id == "abcd1111-x"
-    assert resolve(m, "CN=ops", "ffff0000-z").id == "ffff0000-z"
+async def test_admins_resolve_and_act_on_every_job(tmp_path: Path, engines: list[Engine]) -> None:
+    m = await make_manager(tmp_path, {"alice": ["abcd1111-x"], "bob": ["ffff0000-z"]}, admins=frozenset({"CN=ops"}))
+    engines.append(m)
+    assert resolve(m, "CN=ops", "abcd") == "abcd1111-x"
+    assert resolve(m, "CN=ops", "ffff0000-z") == "ffff0000-z"
+    assert [r.id for r in m.manager.list("CN=ops")] == ["abcd1111-x", "ffff0000-z"]
     with pytest.raises(NotFoundError):
         resolve(m, "alice", "ffff")
-    assert Authz(frozenset({"CN=ops"})).may_act_on("CN=ops", "bob")
-    assert not Authz(frozenset({"CN=ops"})).may_act_on("alice", "bob")
+    stopped = await m.manager.stop("CN=ops", "ffff")
+    assert (stopped.owner, stopped.reason) == ("bob", "stopped by owner")
