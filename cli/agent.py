@@ -196,7 +196,7 @@ class Agent:
                 key.data(key.fileobj)
             busy = any(c.conn is not None for c in self.children.values())
             if not events and not busy and time.monotonic() - self.last_active >= self.idle:
-                log.info("idle for %gs after %d commands: leaving", self.idle, self.served)
+                log.info("idle for %gs", self.idle)
                 self.retire()
                 return
 
@@ -548,8 +548,12 @@ def _idle_seconds() -> float:
 def main() -> None:
     """`python -m jobctl.agent`: what the front end starts."""
     directory = front.socket_dir()
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:  # its runtime directory is gone (its session ended)
+        sys.exit(f"jobctl agent: {directory}: {e.strerror}")
     if not front.private_dir(directory):
         sys.exit(f"jobctl agent: {directory} must be a directory of uid {os.getuid()} with mode 0700")
     agent = Agent(directory, _idle_seconds())
@@ -569,6 +573,7 @@ def main() -> None:
         agent.serve()
     finally:
         agent.retire()
+        log.info("leaving after %d commands", agent.served)
         logging.shutdown()
     os._exit(0)
 
