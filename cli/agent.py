@@ -164,6 +164,7 @@ class Agent:
         self.listener = listener
         self.listener_ino = os.stat(self.sock_path).st_ino
         self.sel.register(listener, selectors.EVENT_READ, self.on_accept)
+        self.last_active = time.monotonic()  # the idle time counts from here, not from before the imports
         log.info("pid %d listening on %s (idle timeout %gs)", os.getpid(), self.sock_path, self.idle)
 
     def retire(self) -> None:
