@@ -473,6 +473,12 @@ def resolve(root: click.Context, config: Config, name: str | None) -> dict[str, 
     metavar="DURATION",
     help="How long to wait for the answer to a call (not for a stream or a wait): seconds or e.g. 90s, 1m30s.",
 )
+@click.option(
+    "--no-agent",
+    is_flag=True,
+    expose_value=False,
+    help="Run in this process, not through jobctl's warm command server (as JOBCTL_NO_AGENT=1 does).",
+)
 @click.version_option(package_name="jobsvc")
 @click.pass_context
 def cli(ctx: click.Context, /, context_name: str | None, **settings: Any) -> None:

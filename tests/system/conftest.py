@@ -8,9 +8,17 @@ supervisor leaf first, as the server does, so that in-process engines and the se
 from __future__ import annotations
 
 import os
+import re
+import select
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -111,3 +119,126 @@ def server(tmp_path_factory: pytest.TempPathFactory, keys: object) -> object:
     if not srv.stopped:
         assert srv.stop() == 0, srv.log()
     shutil.rmtree(srv.work_root, ignore_errors=True)
+
+
+# -- jobctl's command server (cli/agent.py) ---------------------------------------------------------------------
+
+
+def agent_pids(runtime_dir: Path) -> list[int]:
+    """Every jobctl agent on the host that serves runtime_dir (started by a fixture or by a jobctl front end)."""
+    found = []
+    wanted = f"XDG_RUNTIME_DIR={runtime_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"jobctl.agent" not in (entry / "cmdline").read_bytes():
+                continue
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def end_process(pid: int, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL, to pid (not our child: a pidfd says when it is gone)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                return
+            if select.select([pidfd], [], [], timeout)[0]:
+                return
+    finally:
+        os.close(pidfd)
+
+
+@pytest.fixture(autouse=True)
+def jobctl_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test's own XDG_RUNTIME_DIR: an agent a jobctl in it starts is its own, and is ended by PID after it.
+
+    Short and in /tmp: a Unix socket's path has room for 107 bytes.
+    """
+    path = Path(tempfile.mkdtemp(prefix="jobctl-run-"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # an agent still starting now finds no directory and leaves
+    for pid in agent_pids(path):
+        end_process(pid)
+
+
+def agent_socket(runtime_dir: Path) -> Path:
+    from jobctl import front
+
+    return Path(front.paths(str(runtime_dir / "jobctl"))[0])
+
+
+def wait_for_agent(runtime_dir: Path, timeout: float = 60) -> None:
+    """Until the agent of runtime_dir takes connections."""
+    path = agent_socket(runtime_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.05)
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        """End it (by PID); the number of commands it ran."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)
+        text = self.log()
+        assert "Traceback" not in text and "request failed" not in text, text
+        served = re.findall(r"leaving after (\d+) commands", text)
+        return int(served[-1]) if served else 0
+
+
+def start_agent(runtime_dir: Path, env: dict[str, str] | None = None) -> Agent:
+    """The installed jobctl's agent for runtime_dir, as a front end starts it, and once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "jobctl.agent"],
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir), **(env or {})},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    from jobctl import front
+
+    agent = Agent(proc, Path(front.paths(str(runtime_dir / "jobctl"))[2]))
+    try:
+        wait_for_agent(runtime_dir)
+    except OSError:
+        proc.kill()
+        proc.wait()
+        raise
+    return agent
+
+
+@pytest.fixture
+def jobctl_agent(jobctl_runtime_dir: Path) -> Iterator[Agent]:
+    """A warm jobctl agent for this test, so that every jobctl of the test goes through it."""
+    agent = start_agent(jobctl_runtime_dir)
+    yield agent
+    agent.stop()

@@ -1,4 +1,7 @@
-"""The installed jobctl as a subprocess against a real server: every command and every exit code."""
+"""The installed jobctl as a subprocess against a real server: every command and every exit code.
+
+Every test runs both ways: through jobctl's warm command server (the default) and in-process (JOBCTL_NO_AGENT=1).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,27 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import processes_in_cgroup_named
+from tests.system.conftest import processes_in_cgroup_named, start_agent
 from tests.system.server import BIN, Server
 
 JOBCTL = str(BIN / "jobctl")
+
+
+@pytest.fixture(params=["agent", "in-process"], autouse=True)
+def way(request: pytest.FixtureRequest, jobctl_runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if request.param == "in-process":
+        monkeypatch.setenv("JOBCTL_NO_AGENT", "1")
+        yield request.param
+        assert not list(jobctl_runtime_dir.glob("jobctl/agent-*")), "JOBCTL_NO_AGENT=1 started an agent"
+        return
+    agent = start_agent(jobctl_runtime_dir)
+    yield request.param
+    assert agent.stop() > 0, "no command went through the agent"
 
 
 def jobctl(server: Server, *args: str, user: str = "alice", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
