@@ -406,29 +406,25 @@ class _Warm:
         target, files = key
         self.target = target
         self.pems = tuple(open(f, "rb").read() for f in files)  # noqa: SIM115 - read whole at once
-        import grpc
+        from .client import connect_ahead, open_channel
 
         ca, cert, private = self.pems
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=private, certificate_chain=cert)
-        self.channel = grpc.secure_channel(target, creds)
+        self.channel = open_channel(target, ca, cert, private)
         # connect now, without waiting for it: a command that comes meanwhile must not wait for a server that is
         # down (it then fails at once, as in its own process)
-        self.ready = grpc.channel_ready_future(self.channel)
+        self.ready = connect_ahead(self.channel)
 
     def fits(self, target: str, pems: tuple[bytes, bytes, bytes]) -> bool:
         if target != self.target or pems != self.pems:
             return False
-        try:
-            import grpc
-            from grpc import _common
+        from .client import usable
 
+        try:
             self.ready.cancel()
-            cygrpc_state = self.channel._channel.check_connectivity_state(False)  # type: ignore[attr-defined]
-            state = _common.CYGRPC_CONNECTIVITY_STATE_TO_CHANNEL_CONNECTIVITY[cygrpc_state]
         except Exception:
             return False
         # a channel in backoff after failed attempts would fail the first call at once: a fresh one tries anew
-        return state not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+        return usable(self.channel)
 
 
 class _Hook:

@@ -100,11 +100,7 @@ class JobClient:
         if warm is not None:
             self._channel = warm
         else:
-            try:
-                creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-            except Exception as e:
-                raise ClientError(f"bad certificate or key: {e}") from None
-            self._channel = grpc.secure_channel(target, creds)
+            self._channel = open_channel(target, ca, cert, key)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     def close(self) -> None:
@@ -274,3 +270,34 @@ def _short(details: str) -> str:
     # grpc's connection errors are long ("...: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection
     # refused"); the last clause says what happened
     return details.rsplit(": ", 1)[-1].strip().rstrip(".")
+
+
+def open_channel(target: str, ca: bytes, cert: bytes, key: bytes) -> grpc.Channel:
+    """A mutual-TLS channel to target (JobClient's, and the agent's warm one: built in one place)."""
+    import grpc
+
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    except Exception as e:
+        raise ClientError(f"bad certificate or key: {e}") from None
+    return grpc.secure_channel(target, creds)
+
+
+def connect_ahead(channel: grpc.Channel) -> Any:
+    """Start connecting channel now without waiting; cancel() the result before using the channel."""
+    import grpc
+
+    return grpc.channel_ready_future(channel)
+
+
+def usable(channel: grpc.Channel) -> bool:
+    """False for a channel in backoff after failed attempts or shut down: its first call would fail at once."""
+    import grpc
+    from grpc import _common
+
+    try:
+        cygrpc_state = channel._channel.check_connectivity_state(False)  # type: ignore[attr-defined]
+        state = _common.CYGRPC_CONNECTIVITY_STATE_TO_CHANNEL_CONNECTIVITY[cygrpc_state]
+    except Exception:
+        return False
+    return state not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
