@@ -104,7 +104,7 @@ class RecordWriter:
         """Queue every kept record again, as latest(record) has it now (the janitor's round; wait: the shutdown's).
 
         The writes happen in the thread; their outcome is booked on the loop when each lands."""
-        loop = None if wait else asyncio.get_running_loop()
+        loop = None if wait or not self.unsaved else asyncio.get_running_loop()
         if self._deferred:
             self._put(_Op(None, ""))
         for record in list(self.unsaved.values()):
