@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -29,11 +28,12 @@ from jobsvc.model import JobRecord, Limits
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
 from jobsvc.pipe import pipe
 from jobsvc.quota import Quota
+from jobsvc.records import RecordWriter
 from jobsvc.retention import EndedJobs, Policy
 from jobsvc.spawn import HelperSpawner, Spawner, SpawnError, SpawnRequest
 from jobsvc.spec import JobSpec, validate_spec
 from jobsvc.states import JobStatus
-from jobsvc.store import JobStore
+from jobsvc.store import NEVER_ACKNOWLEDGED, REMOVED, JobStore
 from jobsvc.users import DYNAMIC_RANGE, FixedUser, JobUser, UidPool, UserPool, named_user
 from jobsvc.workroot import WorkRoot, Workspace
 
@@ -138,11 +138,9 @@ class JobManager:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._launching: set[asyncio.Task[JobRecord]] = set()  # Starts in flight, whether or not a caller waits
-        self._unsaved: dict[str, JobRecord] = {}
-        self._unsaved_why: dict[str, str] = {}  # job id -> why the disk refused its record (for the shutdown's log)
-        # Records are written (fsync'd) by one thread, in order: an fsync waits for the journal, which under a job
-        # writing gigabytes took 100-300 ms here, and on the event loop every call and stream waited with it.
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-records")
+        # Records are written in batches (one fdatasync each) by the writer's thread, and jobs' files deleted by
+        # its other one: an fsync or an rmtree on the event loop made every call and stream wait with it.
+        self._records = RecordWriter(store, self._delete_files)
         self._janitor: asyncio.Task[None] | None = None
         self.skipped: list[tuple[str, str]] = []  # state-dir entries reconcile() could not read
 
@@ -170,10 +168,11 @@ class JobManager:
         Other instances' groups are never touched, and unreadable records are reported and left in place.
         """
         records, self.skipped = self._store.load_all()
+        self._records.open(records, [name for name, why in self.skipped if why == REMOVED])
         for name, why in self.skipped:
-            if why.startswith("no record.json"):
-                log.info("removing %s: a start that was never acknowledged", name)
-                self._store.remove(name)
+            if why in (NEVER_ACKNOWLEDGED, REMOVED):
+                log.info("removing %s: %s", name, "a start that was never acknowledged" if why != REMOVED else why)
+                self._records.remove(name)
             else:
                 log.warning("state dir: skipping %s: %s", name, why)
         restored = [self._restore(r) if r.status.ended else await self._take_over(r) for r in records]
@@ -215,7 +214,7 @@ class JobManager:
             output_bytes=output.size,
             output_dropped_bytes=output.start,
         )
-        self._save(record)
+        self._records.save_now(record)
         return Job.restore(record, group, output)
 
     def _budget(self, owner: str) -> Budget:
@@ -360,13 +359,12 @@ class JobManager:
         """Make the job's directories and groups, spawn it and write its record; on failure undo all of it.
 
         Each step pushes its undo as it succeeds, so a failure undoes exactly what was done, newest first: the
-        pipes, the job's own end record, the output log, the groups (emptied), the state-dir entry, the directories,
-        the uid.
+        pipes, the job's own end record, the output log, the groups (emptied), the working directory (made root's),
+        the state-dir entry and directories (removed in the writer's threads), the uid.
         """
         job_id = self._new_id()
         async with contextlib.AsyncExitStack() as undo:
             lodging = self._lodge(job_id, undo)
-            undo.callback(self._store.remove, job_id)
             group = self._driver.create(job_id, spec.limits)
             undo.push_async_callback(_discard_group, group)
             with _state_dir_full():
@@ -385,7 +383,11 @@ class JobManager:
         """A uid for the job and its directories, each given back by undo."""
         user = self._uids.acquire()
         undo.callback(self._uids.release, user)
-        undo.callback(self._work.remove, job_id)
+        # after the groups are emptied: its state-dir entry and directories go in the writer's threads (a
+        # tombstone after any record queued for it, so nothing of it comes back), the workdir root's at once
+        # (the uid may run the next job before the removal is done)
+        undo.callback(self._records.remove, job_id)
+        undo.callback(self._work.retire, job_id)
         home = self._work.make_workdir(job_id, user.uid, user.gid)
         private = self._work.make_private(job_id) if self.config.private_tmp else None
         return Lodging(user, home, private)
@@ -458,45 +460,27 @@ class JobManager:
         await asyncio.to_thread(self._work.remove_private, job.id)
 
     async def _write(self, record: JobRecord) -> None:
-        """Write a record durably from the writer thread; the loop goes on meanwhile."""
-        try:
-            written = asyncio.get_running_loop().run_in_executor(self._writer, self._store.save, record)
-        except RuntimeError:  # the writer has shut down (the engine is closing): write here
-            self._store.save(record)
-            return
-        try:
-            await asyncio.shield(written)
-        except asyncio.CancelledError:
-            # The write goes on in its thread: let it land before the caller cleans up after it (a cancelled
-            # Start removes the job's directory, which a late write would bring back).
-            await asyncio.wait([written])
-            raise
+        """Return once the record is durable (written in a batch by the writer's thread); raises OSError."""
+        await self._records.save(record)
 
-    def _save(self, record: JobRecord) -> None:
-        """Write a record; if the disk refuses, keep it to retry (the janitor does) rather than fail the job."""
-        try:
-            self._store.save(record)
-        except OSError as e:
-            self._not_saved(record, e)
-        else:
-            self._unsaved.pop(record.id, None)
-            self._unsaved_why.pop(record.id, None)
+    async def settled(self) -> None:
+        """Until every record write and job removal asked for so far is done (they run in the writer's threads)."""
+        await self._records.settled()
 
     async def _save_async(self, record: JobRecord) -> None:
-        """_save from the writer thread (a job's final record)."""
-        try:
-            await self._write(record)
-        except OSError as e:
-            self._not_saved(record, e)
-        else:
-            self._unsaved.pop(record.id, None)
-            self._unsaved_why.pop(record.id, None)
+        """A job's final record: if the disk refuses it, it is kept and retried (the janitor) rather than fail."""
+        await self._records.persist(record)
 
-    def _not_saved(self, record: JobRecord, e: OSError) -> None:
-        if record.id not in self._unsaved:
-            log.error("job %s: cannot save its record (%s); will retry", record.id, e.strerror)
-        self._unsaved[record.id] = record
-        self._unsaved_why[record.id] = e.strerror or type(e).__name__
+    def _latest(self, record: JobRecord) -> JobRecord:
+        """What a kept record's retry writes: the job's record now if it has ended, else the one kept."""
+        job = self._jobs.get(record.id)
+        return job.record() if job is not None and job.ended else record
+
+    def _delete_files(self, job_id: str) -> None:
+        """A removed job's files: its state directory (record and output) and working directory (the writer's
+        second thread calls it: they may hold many files)."""
+        self._store.remove(job_id)
+        self._work.remove(job_id)
 
     async def stop(self, owner: str, job_id: str, grace: float | None = None, sig: int | None = None) -> JobRecord:
         """Stop the whole job (sig, default SIGTERM; SIGKILL after grace); an ended job comes back unchanged."""
@@ -583,9 +567,7 @@ class JobManager:
 
     def collect_garbage(self) -> None:
         """Retry unsaved records; apply retention (per-user count, age, total output), oldest ended jobs first."""
-        for record in list(self._unsaved.values()):
-            job = self._jobs.get(record.id)
-            self._save(job.record() if job is not None and job.ended else record)
+        self._records.retry(self._latest)
         cfg = self.config
         live = [j for j in self._live.values() if not j.ended]
         live_bytes = sum(j.output_bytes for j in live)
@@ -609,11 +591,8 @@ class JobManager:
         self._jobs.remove(job)
         self._ended.discard(job)
         self._budget(job.owner).used -= job.output_bytes
-        self._unsaved.pop(job.id, None)
-        self._unsaved_why.pop(job.id, None)
         job.output.close()
-        self._store.remove(job.id)
-        self._work.remove(job.id)
+        self._records.remove(job.id)  # its record, output and working directory go in the writer's threads
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -634,27 +613,27 @@ class JobManager:
         running = [j for j in self._jobs if not j.ended]
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._writer.shutdown(wait=True)
+        self._records.close()
         # The last chance to write what a full disk refused: the janitor retried it, this is its final round.
-        for record in list(self._unsaved.values()):
-            job = self._jobs.get(record.id)
-            self._save(job.record() if job is not None and job.ended else record)
-        for record in self._unsaved.values():
+        self._records.retry(self._latest, wait=True)
+        unsaved = self._records.unsaved
+        for record in unsaved.values():
             log.error(
                 "job %s: final record NOT written (%s): it %s; after a restart it shows as its last written record "
                 "says",
                 record.id,
-                self._unsaved_why.get(record.id, "unknown error"),
+                self._records.unsaved_why.get(record.id, "unknown error"),
                 _outcome(record),
             )
         with contextlib.suppress(OSError):
             self._driver.remove_instance()
         self.close()
-        return tuple(self._unsaved)
+        return tuple(unsaved)
 
     def close(self) -> None:
         """Let go of the spawn helper and the state dir, touching no job or group (also for an engine that never
         reconciled: a server that could not bind leaves everything as it found it)."""
+        self._records.close()
         self._spawner.close()
         self._store.close()
 

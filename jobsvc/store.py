@@ -1,4 +1,10 @@
-"""Job records on disk, one JSON file per job, written atomically (temp file, fsync, rename)."""
+"""Job records on disk: an append-only journal (the durable truth) and one JSON file per job (its mirror).
+
+A batch of records is made durable by one append to <state dir>/journal and one fdatasync (group commit: see
+jobsvc/records.py). Each job's <id>/record.json is then renamed into place, unsynced: it is what a restart reads for
+a job the journal does not name (a state dir of format 1, or a record written by hand), and what a person reads.
+The journal is rewritten (compacted) to one line per kept job, so it stays the size of what is kept.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import contextlib
 import json
 import os
 import uuid
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +21,10 @@ from jobsvc.lock import DirLock, LockHeldError
 from jobsvc.model import JobRecord, Limits, Usage, parse_time
 from jobsvc.states import JobStatus
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of a record
+# of the state dir: 2 added the journal, which a jobsvc that reads 1 would not know to replay
+DIR_FORMAT = 2
+JOURNAL = "journal"
 
 
 class StateDirError(RuntimeError):
@@ -36,6 +47,48 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _fsync_dir(path: str | Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def journal_line(entry: dict[str, Any]) -> bytes:
+    """One journal entry: its CRC-32 in hex, a space, its JSON (which has no raw newline), a newline."""
+    payload = json.dumps(entry).encode()
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def read_journal(data: bytes) -> tuple[dict[str, dict[str, Any] | None], int]:
+    """The last entry of each job id (None: removed), and how many bytes of data are whole entries.
+
+    Appends are in order and a batch is acknowledged only after its fdatasync, so only the tail can be torn (a
+    crash mid-append): reading stops at the first line whose CRC does not match, and nothing after it was
+    acknowledged."""
+    last: dict[str, dict[str, Any] | None] = {}
+    good = 0
+    while good < len(data):
+        end = data.find(b"\n", good)
+        if end < 0:
+            break
+        line = data[good:end]
+        crc, _, payload = line.partition(b" ")
+        try:
+            if int(crc, 16) != zlib.crc32(payload):
+                break
+            entry = json.loads(payload)
+        except ValueError:
+            break
+        if "removed" in entry:
+            last[entry["removed"]] = None
+        else:
+            last[entry["id"]] = entry
+        good = end + 1
+    return last, good
 
 
 def record_to_json(record: JobRecord) -> dict[str, Any]:
@@ -82,6 +135,10 @@ def record_from_json(d: dict[str, Any]) -> JobRecord:
     )
 
 
+REMOVED = "removed (its files were being deleted)"
+NEVER_ACKNOWLEDGED = "no record.json (a start that was never acknowledged)"
+
+
 class JobStore:
     """The state dir: <dir>/lock, <dir>/instance, <dir>/jobs/<id>/{record.json, output/}.
 
@@ -92,6 +149,7 @@ class JobStore:
         self.root = state_dir
         self.durable = durable
         self.jobs_dir = state_dir / "jobs"
+        self._journal = -1
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = DirLock.acquire(state_dir / "lock")
@@ -115,18 +173,22 @@ class JobStore:
                 text = version_file.read_text().strip()
                 if not text.isdigit():
                     raise StateDirError(f"state dir {state_dir}: {version_file} is not a format number: {text[:40]!r}")
-                if int(text) > FORMAT_VERSION:
+                if int(text) > DIR_FORMAT:
                     raise StateDirError(
                         f"state dir {state_dir} was written by a newer jobsvc (format {text}; this one reads "
-                        f"{FORMAT_VERSION}); refusing to touch it"
+                        f"{DIR_FORMAT}); refusing to touch it"
                     )
-            else:
-                _atomic_write(version_file, f"{FORMAT_VERSION}\n".encode(), self.durable)
+            if not version_file.exists() or int(text) < DIR_FORMAT:
+                _atomic_write(version_file, f"{DIR_FORMAT}\n".encode(), self.durable)
+            self._journal = os.open(self.root / JOURNAL, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise StateDirError(f"state dir {state_dir}: {e.strerror}") from None
 
     def close(self) -> None:
         """Give up the state dir (another server may take it)."""
+        if self._journal >= 0:
+            os.close(self._journal)
+            self._journal = -1
         self._lock.release()
 
     def instance_id(self) -> str:
@@ -153,9 +215,110 @@ class JobStore:
         return Path(f"{self.jobs_dir}/{job_id}/output")  # one parse: a restart makes one per kept job
 
     def save(self, record: JobRecord) -> None:
-        d = self.job_dir(record.id)
-        d.mkdir(exist_ok=True, mode=0o700)
-        _atomic_write(d / "record.json", json.dumps(record_to_json(record)).encode(), self.durable)
+        """Write one record durably (a batch of one; the engine batches them through records.RecordWriter)."""
+        tmp = self.stage(record)
+        try:
+            self.commit([journal_line(record_to_json(record))])
+        except BaseException:
+            self.unstage(tmp)
+            raise
+        self.publish(tmp)
+
+    # -- the write path, in the order a batch takes it (records.RecordWriter, one thread) ---------------------------
+
+    def stage(self, record: JobRecord) -> str:
+        """Write the record's mirror to a temp file beside record.json (unsynced); its path.
+
+        First, because it is where a full disk shows: a record that does not fit is refused before the journal
+        names it, so record.json and a restart both keep its last written state."""
+        d = f"{self.jobs_dir}/{record.id}"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+        tmp = f"{d}/.record.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = json.dumps(record_to_json(record)).encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(28, os.strerror(28), tmp)  # a short write: the disk is full
+        except BaseException:
+            os.close(fd)
+            self.unstage(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    @staticmethod
+    def unstage(tmp: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+    def commit(self, lines: Iterable[bytes]) -> None:
+        """Append entries to the journal and make them durable (one fdatasync); on failure the journal is cut back
+        to where it was, so that no later batch follows a torn entry."""
+        data = b"".join(lines)
+        end = os.lseek(self._journal, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._journal, view) :]
+            if self.durable:
+                os.fdatasync(self._journal)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal, end)
+            raise
+
+    @staticmethod
+    def publish(tmp: str) -> None:
+        """Rename a staged mirror over record.json (its journal entry is durable: a torn mirror is never read)."""
+        os.rename(tmp, tmp.replace("/.record.json.tmp", "/record.json"))
+
+    def journal_size(self) -> int:
+        return os.fstat(self._journal).st_size
+
+    def compact(self, keep: set[str], deleting: set[str]) -> int:
+        """Rewrite the journal as the last entry of each job in keep, and the tombstone of each removed job whose
+        files are still being deleted (or still there); returns the new size."""
+        with open(self.root / JOURNAL, "rb") as f:
+            last, _ = read_journal(f.read())
+        lines = []
+        for job_id, entry in last.items():
+            if entry is None:
+                if job_id in deleting or os.path.lexists(f"{self.jobs_dir}/{job_id}"):
+                    lines.append(journal_line({"removed": job_id}))
+            elif job_id in keep:
+                lines.append(journal_line(entry))
+        return self._replace_journal(lines)
+
+    def rewrite(self, records: Iterable[JobRecord], removed: Iterable[str] = ()) -> int:
+        """The journal as exactly these records and tombstones (a restart: what it loaded); returns the new size."""
+        lines = [journal_line(record_to_json(r)) for r in records]
+        return self._replace_journal(lines + [journal_line({"removed": job_id}) for job_id in removed])
+
+    def _replace_journal(self, lines: list[bytes]) -> int:
+        tmp = self.root / f".{JOURNAL}.tmp"
+        data = b"".join(lines)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.root / JOURNAL)
+        if self.durable:
+            _fsync_dir(self.root)
+        fd = os.open(self.root / JOURNAL, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self._journal)
+        self._journal = fd
+        return len(data)
+
+    def sync_jobs_dir(self) -> None:
+        """Make removals of job directories durable (before the journal forgets their tombstones)."""
+        if self.durable:
+            _fsync_dir(self.jobs_dir)
 
     def load(self, job_id: str) -> JobRecord:
         return self._load_from(str(self.job_dir(job_id) / "record.json"))
@@ -167,19 +330,32 @@ class JobStore:
         """
         records, skipped = [], []
         base = str(self.jobs_dir)
+        os.lseek(self._journal, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(self._journal), "rb") as f:
+            journal, _ = read_journal(f.read())
         with os.scandir(base) as entries:
             names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        on_disk = {name for name, _ in names}
+        # a job the journal names whose directory is gone (nothing of it but its record) is still a job
+        names += [(job_id, True) for job_id, entry in journal.items() if entry is not None and job_id not in on_disk]
         for name, is_dir in sorted(names):
             if not is_dir:
                 skipped.append((name, "not a job directory"))
                 continue
             try:
-                record = self._load_from(f"{base}/{name}/record.json")
+                if name in journal:
+                    entry = journal[name]
+                    if entry is None:
+                        skipped.append((name, REMOVED))
+                        continue
+                    record = record_from_json(entry)
+                else:
+                    record = self._load_from(f"{base}/{name}/record.json")
                 if record.id != name:
                     raise ValueError(f"record names job {record.id!r}")
                 records.append(record)
             except FileNotFoundError:
-                skipped.append((name, "no record.json (a start that was never acknowledged)"))
+                skipped.append((name, NEVER_ACKNOWLEDGED))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 skipped.append((name, f"unreadable record: {type(e).__name__}: {e}"))
         return records, skipped

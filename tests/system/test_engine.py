@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,7 @@ async def test_owners_see_only_their_own_jobs(engine: JobManager) -> None:
 
 RSS_PROBE = """
 import asyncio, json, sys
+from collections.abc import Iterable
 from pathlib import Path
 from jobsvc.manager import EngineConfig, JobManager
 
@@ -308,16 +310,19 @@ async def test_records_are_written_off_the_event_loop_and_start_waits_for_its_ow
     import threading
 
     other = await engine.start("alice", ["sleep", "100"])
-    store = engine._store  # a slow disk on purpose: the store is where the fsync happens
-    real_save = store.save
+    store = engine._store  # a slow disk on purpose: the store's commit is where the fdatasync happens
+    real_commit = store.commit
     entered, release = threading.Event(), threading.Event()
+    loop_thread = threading.get_ident()
+    committed_on: list[int] = []
 
-    def slow_save(record: object) -> None:  # an fsync stuck behind a busy journal
+    def slow_commit(lines: Iterable[bytes]) -> None:  # an fsync stuck behind a busy journal
+        committed_on.append(threading.get_ident())
         entered.set()
         release.wait(10)
-        real_save(record)  # type: ignore[arg-type]
+        real_commit(lines)
 
-    monkeypatch.setattr(store, "save", slow_save)
+    monkeypatch.setattr(store, "commit", slow_commit)
     starting = asyncio.ensure_future(engine.start("alice", ["sleep", "100"]))
     while not entered.is_set():  # the loop runs while the write waits in its thread
         await asyncio.sleep(0.01)
@@ -326,7 +331,8 @@ async def test_records_are_written_off_the_event_loop_and_start_waits_for_its_ow
     release.set()
     started = await starting
     assert (store.job_dir(started.id) / "record.json").exists()
-    monkeypatch.setattr(store, "save", real_save)
+    assert loop_thread not in committed_on
+    monkeypatch.setattr(store, "commit", real_commit)
     for job_id in (other.id, started.id):
         await engine.stop("alice", job_id, grace=0)
 

@@ -176,6 +176,7 @@ async def test_a_kill_at_the_memory_limit_reads_as_oom(engine: Engine) -> None:
 
 async def assert_undone(e: Engine, job_id: str, fds_before: int) -> None:
     assert e.manager.list(ALICE) == []
+    await e.manager.settled()  # files are removed in the record writer's threads
     assert not e.store.job_dir(job_id).exists()
     assert job_id in e.work.removed and e.users.held == set()
     assert open_fds() == fds_before  # both pipes closed, no output file left open
@@ -212,10 +213,10 @@ async def test_a_full_state_disk_at_the_record_is_resource_exhausted_and_undone(
 ) -> None:
     engine.ids.append("0000aaaa-full")
 
-    def full(record: JobRecord) -> None:
+    def full(record: JobRecord) -> str:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(engine.store, "save", full)
+    monkeypatch.setattr(engine.store, "stage", full)  # the record's file is written before the journal names it
     fds = open_fds()
     with pytest.raises(ResourceExhaustedError, match="state directory is full"):
         await engine.manager.start(ALICE, ["job"])
@@ -359,6 +360,7 @@ async def test_reconcile_clears_starts_that_were_never_acknowledged(tmp_path: Pa
     half = e.store.output_dir("0000aaaa-half")
     half.mkdir(parents=True)
     await e.manager.reconcile()
+    await e.manager.settled()  # files are removed in the record writer's threads
     assert not e.store.job_dir("0000aaaa-half").exists()
     assert e.manager.list(ALICE) == []
     await e.manager.shutdown(grace=0)
@@ -383,7 +385,8 @@ def kept_ids(e: Engine, owner: str) -> list[str]:
     return [r.id for r in e.manager.list(owner)]
 
 
-def gone(e: Engine, owner: str, job_id: str) -> bool:
+async def gone(e: Engine, owner: str, job_id: str) -> bool:
+    await e.manager.settled()  # files are removed in the record writer's threads
     with pytest.raises(NotFoundError):
         e.manager.get(owner, job_id)
     return not e.store.job_dir(job_id).exists() and job_id in e.work.removed
@@ -396,7 +399,7 @@ async def test_retention_keeps_the_newest_ended_jobs_per_user(tmp_path: Path) ->
     bob = await run_to_end(e, BOB)
     running = await e.manager.start(ALICE, ["job"])
     e.manager.collect_garbage()
-    assert gone(e, ALICE, alice[0].id)
+    assert await gone(e, ALICE, alice[0].id)
     assert kept_ids(e, ALICE) == [alice[1].id, alice[2].id, running.id] and kept_ids(e, BOB) == [bob.id]
     await e.manager.shutdown(grace=0)
 
@@ -410,7 +413,7 @@ async def test_retention_removes_ended_jobs_older_than_the_age_limit(tmp_path: P
     assert kept_ids(e, ALICE) == [old.id, new.id]
     e.clock.advance(31)  # old ended 61 s ago, new 31 s ago
     e.manager.collect_garbage()
-    assert gone(e, ALICE, old.id) and kept_ids(e, ALICE) == [new.id]
+    assert await gone(e, ALICE, old.id) and kept_ids(e, ALICE) == [new.id]
     await e.manager.shutdown(grace=0)
 
 
@@ -424,7 +427,7 @@ async def test_retention_removes_the_oldest_ended_output_past_the_total(tmp_path
     await e.process(running.id).write(b"y" * 600)  # a running job's output counts too: 3600 in all
     await captured(e, BOB, running.id, 600)
     e.manager.collect_garbage()
-    assert gone(e, ALICE, jobs[0].id)
+    assert await gone(e, ALICE, jobs[0].id)
     assert kept_ids(e, ALICE) == [jobs[2].id] and kept_ids(e, BOB) == [jobs[1].id, running.id]
     await e.manager.shutdown(grace=0)
 
@@ -455,7 +458,7 @@ async def test_a_user_over_their_share_loses_their_own_oldest_ended_jobs_at_once
     rec = await e.manager.start(ALICE, ["job"])
     await e.process(rec.id).write(b"y" * 1500)  # 3500 of alice's: over her share while it is captured
     await captured(e, ALICE, rec.id, 1500)
-    assert gone(e, ALICE, alice[0].id)
+    assert await gone(e, ALICE, alice[0].id)
     assert kept_ids(e, ALICE) == [alice[1].id, rec.id] and kept_ids(e, BOB) == [bob.id]
     await e.manager.shutdown(grace=0)
 
@@ -471,7 +474,7 @@ async def test_retention_waits_for_the_last_reader_of_a_job(tmp_path: Path) -> N
     assert kept_ids(e, ALICE) == [old.id, new.id]  # being streamed: a later round removes it
     await reader.aclose()  # type: ignore[attr-defined]
     e.manager.collect_garbage()
-    assert gone(e, ALICE, old.id)
+    assert await gone(e, ALICE, old.id)
     await e.manager.shutdown(grace=0)
 
 

@@ -1,0 +1,230 @@
+"""RecordWriter: group commit, the full-disk retry, removal off the loop, order, and what a restart reads."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import errno
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+from jobsvc.model import JobRecord
+from jobsvc.records import RecordWriter
+from jobsvc.states import JobStatus
+from jobsvc.store import JOURNAL, JobStore, journal_line, read_journal
+
+T0 = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+
+
+def record(n: int, status: JobStatus = JobStatus.RUNNING) -> JobRecord:
+    return JobRecord(
+        id=f"00000000-0000-4000-8000-{n:012d}",
+        owner="CN=alice",
+        command=(b"sleep", b"100"),
+        status=status,
+        started_at=T0,
+        exit_code=0 if status is JobStatus.FINISHED else None,
+        ended_at=T0 if status.ended else None,
+    )
+
+
+class GatedStore(JobStore):
+    """The real store, whose commits can be held (a slow disk), refused (a full disk) and counted."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir, durable=False)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.full = False
+        self.commits: list[list[bytes]] = []
+
+    def stage(self, record: JobRecord) -> str:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().stage(record)
+
+    def commit(self, lines: Iterable[bytes]) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        batch = list(lines)
+        self.commits.append(batch)
+        super().commit(batch)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[GatedStore]:
+    s = GatedStore(tmp_path / "state")
+    yield s
+    s.close()
+
+
+def reload(store: JobStore) -> tuple[dict[str, JobRecord], list[tuple[str, str]]]:
+    """What a restart would read: a new store on the same state dir."""
+    store.close()
+    again = JobStore(store.root, durable=False)
+    try:
+        records, skipped = again.load_all()
+    finally:
+        again.close()
+    return {r.id: r for r in records}, skipped
+
+
+def opened(store: JobStore, deleted: list[tuple[str, int]] | None = None) -> RecordWriter:
+    def delete(job_id: str) -> None:
+        store.remove(job_id)
+        if deleted is not None:
+            deleted.append((job_id, threading.get_ident()))
+
+    writer = RecordWriter(store, delete)
+    writer.open([])
+    return writer
+
+
+async def test_records_queued_while_a_commit_runs_share_the_next_one(store: GatedStore) -> None:
+    writer = opened(store)
+    store.gate.clear()
+    first = asyncio.ensure_future(writer.save(record(0)))
+    while not store.entered.is_set():  # the first commit is under way (held)
+        await asyncio.sleep(0.001)
+    rest = [asyncio.ensure_future(writer.save(record(n))) for n in range(1, 6)]
+    await asyncio.sleep(0.05)
+    assert not first.done() and not any(f.done() for f in rest), "answered before the record was durable"
+    store.gate.set()
+    await asyncio.gather(first, *rest)
+    writer.close()
+    assert [len(c) for c in store.commits] == [1, 5]
+    assert writer.batches == 2
+    records, _ = reload(store)
+    assert set(records) == {record(n).id for n in range(6)}
+
+
+async def test_a_record_the_disk_refused_is_kept_and_written_by_the_retry(store: GatedStore) -> None:
+    writer = opened(store)
+    await writer.save(record(1))
+    store.full = True
+    final = record(1, JobStatus.FINISHED)
+    await writer.persist(final)  # does not raise: kept for the janitor
+    assert writer.unsaved == {final.id: final} and writer.unsaved_why[final.id] == "No space left on device"
+    writer.retry(lambda r: r)
+    await asyncio.sleep(0.05)
+    assert final.id in writer.unsaved, "still full: still kept"
+    store.full = False
+    writer.retry(lambda r: r)
+    for _ in range(500):
+        if not writer.unsaved:
+            break
+        await asyncio.sleep(0.01)
+    assert writer.unsaved == {} and writer.unsaved_why == {}
+    writer.close()
+    records, _ = reload(store)
+    assert records[final.id].status is JobStatus.FINISHED
+
+
+async def test_a_save_the_disk_refuses_raises_and_the_restart_keeps_the_last_written(store: GatedStore) -> None:
+    writer = opened(store)
+    await writer.save(record(2))
+    store.full = True
+    with pytest.raises(OSError) as err:
+        await writer.save(record(2, JobStatus.FINISHED))
+    assert err.value.errno == errno.ENOSPC
+    writer.close()
+    records, _ = reload(store)
+    assert records[record(2).id].status is JobStatus.RUNNING
+
+
+async def test_removal_runs_off_the_loop_and_the_loop_answers_while_it_blocks(store: GatedStore) -> None:
+    release = threading.Event()
+    deleting = threading.Event()
+    threads: list[int] = []
+
+    def slow_delete(job_id: str) -> None:  # a working directory of 100k files
+        threads.append(threading.get_ident())
+        deleting.set()
+        release.wait(10)
+        store.remove(job_id)
+
+    writer = RecordWriter(store, slow_delete)
+    writer.open([])
+    await writer.save(record(3))
+    writer.remove(record(3).id)
+    while not deleting.is_set():
+        await asyncio.sleep(0.001)
+    await writer.save(record(4))  # the loop, and the next commit, go on while the removal blocks
+    release.set()
+    writer.close()
+    assert threads and threading.get_ident() not in threads
+    assert not store.job_dir(record(3).id).exists()
+    records, _ = reload(store)
+    assert set(records) == {record(4).id}
+
+
+async def test_a_removal_after_a_save_wins(store: GatedStore) -> None:
+    writer = opened(store)
+    store.gate.clear()
+    saving = asyncio.ensure_future(writer.save(record(5)))
+    writer.remove(record(5).id)  # queued behind the save: in the same batch or the next
+    store.gate.set()
+    await saving
+    writer.close()
+    records, skipped = reload(store)
+    assert record(5).id not in records
+    assert not store.job_dir(record(5).id).exists()
+    assert skipped == []
+
+
+async def test_a_save_after_a_removal_does_not_bring_the_job_back(store: GatedStore) -> None:
+    deleted: list[tuple[str, int]] = []
+    writer = opened(store, deleted)
+    await writer.save(record(6))
+    writer.remove(record(6).id)
+    await writer.save(record(6, JobStatus.FINISHED))  # a late write (a retry, a slow final record)
+    writer.close()
+    assert [job_id for job_id, _ in deleted] == [record(6).id]
+    assert not store.job_dir(record(6).id).exists()
+    records, _ = reload(store)
+    assert records == {}
+
+
+async def test_restart_reads_the_journal_over_stale_record_files(store: GatedStore) -> None:
+    writer = opened(store)
+    await writer.save(record(7))
+    await writer.save(record(7, JobStatus.FINISHED))
+    writer.close()
+    stale = dataclasses.replace(record(7), reason="stale mirror")
+    (store.job_dir(stale.id) / "record.json").write_text('{"not": "what the journal says"}')
+    records, skipped = reload(store)
+    assert records[stale.id].status is JobStatus.FINISHED and skipped == []
+
+
+def test_a_torn_journal_tail_is_ignored_and_the_whole_entries_before_it_are_read() -> None:
+    good = journal_line({"removed": "a"}) + journal_line({"removed": "b"})
+    torn = journal_line({"removed": "c"})[:-5]
+    last, size = read_journal(good + torn)
+    assert last == {"a": None, "b": None} and size == len(good)
+    flipped = bytearray(journal_line({"removed": "d"}))
+    flipped[-3] ^= 1  # a byte changed: its CRC no longer matches
+    assert read_journal(good + bytes(flipped) + good) == ({"a": None, "b": None}, len(good))
+
+
+async def test_the_journal_is_compacted_to_one_entry_per_kept_job(
+    store: GatedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("jobsvc.records.COMPACT_AT", 4096)
+    writer = opened(store)
+    for n in range(10):
+        await writer.save(record(n))
+        await writer.save(record(n, JobStatus.FINISHED))
+    for n in range(5):
+        writer.remove(record(n).id)
+    await writer.save(record(99))
+    writer.close()
+    lines = (store.root / JOURNAL).read_bytes().count(b"\n")
+    assert lines < 26, "26 entries were written: the journal was never compacted"
+    records, _ = reload(store)
+    assert set(records) == {record(n).id for n in (*range(5, 10), 99)}
+    assert all(records[record(n).id].status is JobStatus.FINISHED for n in range(5, 10))
