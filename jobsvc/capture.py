@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 PIPE_SIZE = 1024 * 1024  # fewer wake-ups for chatty jobs; the kernel caps it at fs.pipe-max-size
 BATCH = 16  # splices from one pipe before the other gets its turn
 PUBLISH_INTERVAL = 0.005  # seconds between requests to the loop while output flows and nobody waits for it
+# after the disk refused a write, output is dropped without trying to store it for this long: a job printing 4 KiB
+# at a time made two index records (a run, then the lost one) per write and used up the index's reserve
+DISK_RETRY = 0.1
 ANSWER_TIMEOUT = 5.0  # how long the thread waits for the loop's answer on a full share before storing anyway
 
 
@@ -65,6 +68,8 @@ class Capture:
         self._asked_at = 0.0
         self._stopping = False  # the thread's: the wake-up eventfd was written
         self._lost = False  # the thread's: some output was lost (told once)
+        self._refused: OSError | None = None  # the thread's: the disk's last refusal, until _retry_at
+        self._retry_at = 0.0
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.done = asyncio.Event()
         for fd in self._pipes:
@@ -135,12 +140,15 @@ class Capture:
             try:
                 if budget.over and self._full():  # this user's share is full: never anyone else's room
                     n = self._discard(fd, None)
+                elif self._refused is not None and time.monotonic() < self._retry_at:
+                    n = self._discard(fd, self._refused)
                 else:
                     n = output.splice_from(tag, fd, PIPE_SIZE)
                     budget.captured(n)
             except BlockingIOError:
                 return False
             except OSError as e:  # the state dir's disk refused: keep the job unblocked, count the loss
+                self._refused, self._retry_at = e, time.monotonic() + DISK_RETRY
                 n = self._discard(fd, e)
             if n == 0:
                 return True
