@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.common import DEFAULT_SCRATCH, RESULTS, Options, Result, write_result
 from bench.report import plot_all, table
 
-BENCHMARKS = ("capture", "fanout", "latency", "footprint", "churn", "history", "cli")
+BENCHMARKS = ("capture", "fanout", "latency", "footprint", "churn", "history", "cli", "noisy")
 
 
 def parse(argv: list[str]) -> tuple[list[str], Options]:

@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 
 from jobsvc.budget import Budget
+from jobsvc.capture import Capture
 from jobsvc.cgroups.base import JobGroup
 from jobsvc.cgroups.kill import KILL_TIMEOUT
 from jobsvc.model import ExitInfo, JobRecord, Limits, Usage
@@ -22,8 +21,6 @@ from jobsvc.states import JobStatus, check_transition
 
 log = logging.getLogger(__name__)
 
-PIPE_SIZE = 1024 * 1024  # fewer wake-ups for chatty jobs; the kernel caps it at fs.pipe-max-size
-_BATCH = 16  # pipe reads per wake-up before yielding to the loop, while nobody streams the job
 OUTPUT_DRAIN_TIMEOUT = 2.0
 USAGE_TTL = 0.25  # seconds a running job's usage figures may be reused
 
@@ -44,7 +41,7 @@ class Job:
 
     # a server keeps every ended job until retention: 50,000 of them held 15 MB of instance dicts alone
     __slots__ = (
-        "_budget", "_clock", "_deadline", "_ended", "_live", "_open_pipes", "_persist", "_pipes_done", "_stop_deadline",
+        "_budget", "_capture", "_clock", "_deadline", "_ended", "_live", "_persist", "_stop_deadline",
         "_stop_reason", "_stopping", "_supervisor", "_timeout_task", "_usage_at", "argv", "ended_at", "exit",
         "group", "id", "limits", "oom_killed", "output", "owner", "pid", "pids_limit_hit", "reason", "started_at",
         "status", "timeout_grace", "timeout_seconds", "uid", "usage", "workdir",
@@ -99,8 +96,7 @@ class Job:
         self._stop_deadline: float | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._open_pipes: set[int] = set()
-        self._pipes_done = _DONE if ended else asyncio.Event()
+        self._capture: Capture | None = None
 
     @classmethod
     def restore(cls, record: JobRecord, group: JobGroup, output: OutputLog) -> Job:
@@ -196,15 +192,13 @@ class Job:
     # -- running ----------------------------------------------------------------------------------------------------
 
     def attach(self, pid: int, exit_status: asyncio.Future[int], stdout_r: int, stderr_r: int) -> None:
-        """Take over a started process: drain its pipes into the log and supervise its end."""
+        """Take over a started process: capture its pipes into the log (a thread: jobsvc/capture.py) and supervise
+        its end. Once it returns, the pipes are the capture's."""
         self.pid = pid
         loop = asyncio.get_running_loop()
-        for fd, tag in ((stdout_r, STDOUT), (stderr_r, STDERR)):
-            os.set_blocking(fd, False)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            self._open_pipes.add(fd)
-            loop.add_reader(fd, self._drain, fd, tag)
+        pipes = ((stdout_r, STDOUT), (stderr_r, STDERR))
+        self._capture = Capture(f"capture-{self.id[:8]}", self.output, self._budget, pipes, self._output_lost)
+        self._capture.start()
         self._supervisor = loop.create_task(self._supervise(exit_status), name=f"job-{self.id}")
         if self.timeout_seconds is not None:
             self._deadline = loop.call_later(self.timeout_seconds, self._on_timeout)
@@ -215,62 +209,23 @@ class Job:
             task = asyncio.get_running_loop().create_task(self.stop(self.timeout_grace, reason="timeout"))
             self._timeout_task = task  # keep a reference until it is done
 
-    def _drain(self, fd: int, tag: int) -> None:
-        # While someone streams this job, one splice (up to a full pipe) per wake-up, then back to the loop: the
-        # readers send what just arrived while the job refills the pipe. A batch kept a fast writer's output from
-        # them for ~12 ms at a time (1 live jobctl client: 327-368 MiB/s; 424-432 one splice at a time).
-        batch = 1 if self.output.readers else _BATCH
-        budget, start = self._budget, self.output.start
-        try:
-            for _ in range(batch):
-                try:
-                    if budget.over and budget.full():  # this user's share is full: never anyone else's room
-                        n = self._discard(fd, None)
-                    else:
-                        n = self.output.splice_from(tag, fd, PIPE_SIZE)
-                        budget.used += n
-                except BlockingIOError:
-                    break
-                except OSError as e:  # the state dir's disk refused: keep the job unblocked, count the loss
-                    n = self._discard(fd, e)
-                if n == 0:
-                    self._close_pipe(fd)
-                    break
-                if n < 0:  # nothing more in the pipe now
-                    break
-        finally:
-            self.output.notify()
-            budget.used -= self.output.start - start  # what the per-job cap just dropped
-
-    def _discard(self, fd: int, err: OSError | None) -> int:
-        try:
-            data = os.read(fd, PIPE_SIZE)
-        except BlockingIOError:
-            return -1
-        if data:
-            if self.output.lost_bytes == 0:
-                why = err if err is not None else f"{self.owner}'s share of the state dir is full"
-                log.error("job %s: output lost (%s)", self.id, why)
-            self.output.skip_lost(len(data))  # readers see the gap where it is
-        return len(data)
-
-    def _close_pipe(self, fd: int) -> None:
-        if fd in self._open_pipes:
-            self._open_pipes.discard(fd)
-            asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
-        if not self._open_pipes:
-            self._pipes_done.set()
+    def _output_lost(self, err: OSError | None) -> None:
+        # from the capture thread (logging is thread-safe), at the first byte this job loses
+        why = err if err is not None else f"{self.owner}'s share of the state dir is full"
+        log.error("job %s: output lost (%s)", self.id, why)
 
     async def _finish_output(self) -> None:
-        """The group is empty, so the pipes reach EOF at once, unless something escaped the group holding one."""
+        """The group is empty, so the pipes reach EOF at once, unless something escaped the group holding one;
+        returns once every byte the capture read is in the log and visible."""
+        capture = self._capture
+        if capture is None:
+            return
         try:
-            await asyncio.wait_for(self._pipes_done.wait(), OUTPUT_DRAIN_TIMEOUT)
+            await asyncio.wait_for(capture.done.wait(), OUTPUT_DRAIN_TIMEOUT)
         except TimeoutError:
             log.warning("job %s: a process outside the job holds its output pipe; closing it", self.id)
-            for fd in list(self._open_pipes):
-                self._drain(fd, STDOUT)
-                self._close_pipe(fd)
+            capture.stop()
+            await capture.done.wait()
 
     async def _supervise(self, exit_status: asyncio.Future[int]) -> None:
         try:

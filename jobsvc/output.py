@@ -12,6 +12,13 @@ A run's index record is written before its first byte: a process crash between t
 bytes under the previous run's stream (nothing is fsync'd: a kernel crash or power loss promises nothing here).
 Output that could not be stored (the disk was full) is a LOST run: its offsets
 are used but hold no bytes, so readers skip them and see the jump.
+
+The writer (a job's capture thread, jobsvc/capture.py, or the caller itself) and the readers (the event loop) keep
+figures of their own: the writer's (_w_*: where it writes next, its runs) change as it writes, under the log's
+lock, and notify() copies them, under the same lock, to the ones readers, retention and Get use (size, the runs,
+lost bytes). So readers see only bytes that are in the segment files already, the lock is never held across a
+write that may block, and the writer alone touches the segment it writes (retention keeps the segment holding
+the readers' end, which the writer's end is never behind).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -81,6 +89,19 @@ def _covered(spans: list[tuple[int, int]], a: int, b: int) -> bool:
     return a >= 0 and any(start <= a and b <= end for start, end in spans)
 
 
+class _NoWriter:
+    """The lock of a log nobody writes to (an ended job's): one object for all of them."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_WRITER = _NoWriter()
+
+
 def segment_size_for(max_bytes: int | None) -> int:
     """Segments small enough that retention drops at most an eighth of a capped log at a time."""
     if max_bytes is None:
@@ -105,21 +126,31 @@ class OutputLog:
         self._seg_size = segment_size
         self._max_bytes = max_bytes
         self._index_fd = -1
+        # what readers see (the event loop's): changed by notify() and by reading a log back
         self._size = 0
         self._start = 0  # oldest retained byte
         self._runs = 0
         self._last_run_start = 0
         self._last_fd = 0
         self._last_run_ms = 0
+        self.lost_bytes = 0
+        self.lost_placed = 0  # the lost bytes that took offsets (LOST runs): they hold nothing on disk
+        # the writer's: its thread changes them under the lock; notify() copies them to the above under it
+        self._lock = threading.Lock() if create else _NO_WRITER
+        self._w_size = 0
+        self._w_runs = 0
+        self._w_last = (0, 0, 0)  # (start, fd, read_at_ms) of the writer's newest run
+        self._w_lost = 0
+        self._w_lost_placed = 0
+        self._fresh = False  # the writer's figures changed since notify() last copied them
         self._wseg = -1
         self._wfd = -1
+        self._capturing = False  # a capture thread writes (its files stay open until it has ended)
         self._read_fds: dict[int, int] = {}
         self._readers = 0
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
         self._unread = False  # an ended job's log not read back from disk yet (see ended())
-        self.lost_bytes = 0
-        self.lost_placed = 0  # the lost bytes that took offsets (LOST runs): they hold nothing on disk
 
     @property
     def size(self) -> int:
@@ -136,6 +167,11 @@ class OutputLog:
     @property
     def readers(self) -> int:
         return self._readers
+
+    @property
+    def wanted(self) -> bool:
+        """A reader is waiting for new output (read from the writer's thread: a hint, so no lock)."""
+        return self._waiter is not None
 
     @classmethod
     def recover(cls, directory: Path) -> OutputLog:
@@ -202,14 +238,14 @@ class OutputLog:
             self._last_run_start, self._last_fd, self._last_run_ms = runs[-1]
         self._closed = True
 
-    # -- writer -----------------------------------------------------------------------------------------------------
+    # -- writer (one thread at a time: a capture thread, or the caller) ------------------------------------------------
 
     def _segment_path(self, k: int) -> Path:
         return self._dir / f"{k:012d}.seg"
 
     def _write_target(self) -> tuple[int, int, int]:
         """(fd, position in segment, room left) for the next byte."""
-        k, pos = divmod(self._size, self._seg_size)
+        k, pos = divmod(self._w_size, self._seg_size)
         if k != self._wseg:
             if self._wfd >= 0:
                 os.close(self._wfd)
@@ -233,13 +269,20 @@ class OutputLog:
         """Start a run of fd_tag at the current end, on disk before any of its bytes (crash consistency), when the
         stream changes or the current run is RUN_SPAN_MS old (one timestamp per run keeps the cost at a record)."""
         now = int(time.time() * 1000)
-        if fd_tag != self._last_fd or now - self._last_run_ms >= RUN_SPAN_MS:
-            ms = max(now, self._last_run_ms)  # never backwards (a clock step): runs stay ordered by time too
-            os.write(self._index(), _pack(self._size, fd_tag, ms))
-            self._runs += 1
-            self._last_fd = fd_tag
-            self._last_run_start = self._size
-            self._last_run_ms = ms
+        _, last_fd, last_ms = self._w_last
+        if fd_tag != last_fd or now - last_ms >= RUN_SPAN_MS:
+            ms = max(now, last_ms)  # never backwards (a clock step): runs stay ordered by time too
+            os.write(self._index(), _pack(self._w_size, fd_tag, ms))
+            with self._lock:
+                self._w_runs += 1
+                self._w_last = (self._w_size, fd_tag, ms)
+                self._fresh = True
+
+    def _grow(self, n: int, lost: int = 0) -> None:
+        with self._lock:
+            self._w_size += n
+            self._w_lost_placed += lost
+            self._fresh = True
 
     def append(self, fd_tag: int, data: bytes) -> None:
         """Append bytes read from stream fd_tag (call notify() once after a batch)."""
@@ -248,7 +291,7 @@ class OutputLog:
         while view:
             wfd, pos, room = self._write_target()
             n = os.pwrite(wfd, view[:room], pos)
-            self._size += n
+            self._grow(n)
             view = view[n:]
 
     def splice_from(self, fd_tag: int, pipe_fd: int, limit: int) -> int:
@@ -259,23 +302,54 @@ class OutputLog:
         wfd, pos, room = self._write_target()
         self._declare(fd_tag)
         n = os.splice(pipe_fd, wfd, min(limit, room), offset_dst=pos, flags=_SPLICE_FLAGS)
-        self._size += n
+        self._grow(n)
         return n
 
     def skip_lost(self, n: int) -> bool:
         """Mark the next n offsets as lost (their bytes could not be stored); False if even that could not be
         recorded (then only lost_bytes counts them)."""
-        self.lost_bytes += n
+        with self._lock:
+            self._w_lost += n
+            self._fresh = True
         try:
             self._declare(LOST)
         except OSError:
             return False
-        self._size += n
-        self.lost_placed += n
+        self._grow(n, lost=n)
         return True
 
+    def end_writes(self) -> None:
+        """The writer is done: its segment file is closed (the writer's thread calls this last)."""
+        if self._wfd >= 0:
+            os.close(self._wfd)
+            self._wfd = -1
+
+    def capture_started(self) -> None:
+        """A capture thread is the writer from now on (on the loop, before it starts)."""
+        self._capturing = True
+
+    def capture_ended(self) -> None:
+        """The capture thread has ended (on the loop, after its end_writes()): the files may close."""
+        self._capturing = False
+        if self._closed and self._readers == 0:
+            self._close_files()
+
+    # -- the readers' side (the event loop) ---------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Make what the writer has written visible to readers, retention and Get."""
+        if not self._fresh:  # unlocked: the writer asks for another notify() after each change
+            return
+        with self._lock:
+            self._fresh = False
+            self._size, self._runs = self._w_size, self._w_runs
+            self._last_run_start, self._last_fd, self._last_run_ms = self._w_last
+            self.lost_bytes, self.lost_placed = self._w_lost, self._w_lost_placed
+
     def notify(self) -> None:
-        """Wake every waiting reader (once per batch of appends, not per chunk), after applying retention."""
+        """Show readers what was written and wake every waiting one (once per batch of appends, not per chunk),
+        after applying retention."""
+        self._publish()
         if self._max_bytes is not None and self._size - self._start > self._max_bytes:
             self._drop_to(self._size - self._max_bytes)
         waiter, self._waiter = self._waiter, None
@@ -301,16 +375,13 @@ class OutputLog:
         return self._start - before
 
     def close(self) -> None:
-        """No more output: readers end after the last byte."""
+        """No more output: readers end after the last byte (a capture thread still writing closes its own file)."""
         self._closed = True
-        if self._wfd >= 0:
-            os.close(self._wfd)
-            self._wfd = -1
+        if not self._capturing:
+            self.end_writes()
         self.notify()
         if self._readers == 0:
             self._close_files()
-
-    # -- readers ----------------------------------------------------------------------------------------------------
 
     def _run_entry(self, i: int) -> tuple[int, int, int]:
         """(start, fd, read_at_ms) of run i."""
@@ -351,6 +422,8 @@ class OutputLog:
         return fd
 
     def _close_files(self) -> None:
+        if self._capturing:  # the capture thread writes the index; capture_ended() closes them
+            return
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()

@@ -1,0 +1,223 @@
+"""Capture: a job's stdout and stderr moved into its OutputLog by a thread of its own.
+
+A job that writes faster than the disk fills the page cache with dirty pages, and the kernel then makes the thread
+that writes them wait (balance_dirty_pages). On the event loop that wait stalled every call and stream of every
+user; in the job's own capture thread it stalls only that job's capture (and so, through its full pipe, the job).
+
+Who owns what:
+- the capture thread: the pipes (it reads them and closes them at their end), the log's writer side (segment file,
+  index records, the writer's figures: see jobsvc/output.py), and what it adds to the budget (Budget.captured);
+- the event loop: everything readers see (OutputLog.notify() copies the writer's figures under the log's lock),
+  retention, the budget's settled count and its reclaim (which removes other jobs), the job's end.
+The thread asks the loop to look with call_soon_threadsafe, coalesced: at most one request in flight, sent when a
+reader is waiting, when PUBLISH_INTERVAL has passed, or when the pipes are empty for now. When the user's share is
+full the thread asks the loop (which may reclaim) and waits for the answer; the loop never waits for the thread.
+The loop learns of the end (done) only after the last byte is in the log and visible, and only then closes the
+wake-up eventfd: stop() never writes to a closed or reused descriptor.
+
+One thread per job rather than a pool: a throttled write blocks the thread doing it, so jobs sharing a thread
+would stall each other as they stalled everyone on the loop; a thread costs about 0.1 ms to start and end and a
+few KB of memory while the job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from jobsvc.budget import Budget
+from jobsvc.output import OutputLog
+
+log = logging.getLogger(__name__)
+
+PIPE_SIZE = 1024 * 1024  # fewer wake-ups for chatty jobs; the kernel caps it at fs.pipe-max-size
+BATCH = 16  # splices from one pipe before the other gets its turn
+PUBLISH_INTERVAL = 0.005  # seconds between requests to the loop while output flows and nobody waits for it
+# after the disk refused a write, output is dropped without trying to store it for this long: a job printing 4 KiB
+# at a time made two index records (a run, then the lost one) per write and used up the index's reserve
+DISK_RETRY = 0.1
+ANSWER_TIMEOUT = 5.0  # how long the thread waits for the loop's answer on a full share before storing anyway
+
+
+class Capture:
+    """One job's pipes -> its OutputLog, in a thread; done is set on the loop once everything is in the log."""
+
+    def __init__(
+        self,
+        name: str,
+        output: OutputLog,
+        budget: Budget,
+        pipes: Sequence[tuple[int, int]],
+        on_lost: Callable[[OSError | None], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._output = output
+        self._budget = budget
+        self._pipes = dict(pipes)  # fd -> STDOUT/STDERR; the thread's once started
+        self._on_lost = on_lost
+        self._lock = threading.Lock()
+        self._asked = False  # a request to the loop is in flight
+        self._asked_at = 0.0
+        self._stopping = False  # the thread's: the wake-up eventfd was written
+        self._lost = False  # the thread's: some output was lost (told once)
+        self._refused: OSError | None = None  # the thread's: the disk's last refusal, until _retry_at
+        self._retry_at = 0.0
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.done = asyncio.Event()
+        for fd in self._pipes:
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the thread; from then on the pipes are its own (on failure they are still the caller's)."""
+        self._output.capture_started()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._output.capture_ended()
+            os.close(self._wake)
+            self._wake = -1
+            raise
+
+    def stop(self) -> None:
+        """Drain what is in the pipes now and end, even though something still holds them open (on the loop)."""
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread itself (tests; the loop awaits done instead)."""
+        self._thread.join(timeout)
+
+    # -- the thread -------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._capture()
+        except Exception:
+            log.exception("capture thread %s failed", self._thread.name)
+        finally:
+            for fd in self._pipes:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._pipes.clear()
+            with contextlib.suppress(OSError):
+                self._output.end_writes()
+            self._call(self._finished)
+
+    def _capture(self) -> None:
+        poller = select.poll()
+        for fd in self._pipes:
+            poller.register(fd, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        while self._pipes:
+            for fd, _ in poller.poll():
+                if fd == self._wake:
+                    self._stopping = True
+                elif fd in self._pipes and self._drain(fd):
+                    poller.unregister(fd)
+                    os.close(fd)
+                    del self._pipes[fd]
+            if self._stopping:  # what is in the pipes now, once, then end
+                for fd in list(self._pipes):
+                    self._drain(fd)
+                return
+            self._ask()  # the pipes are empty for now (or had their turn): show what arrived
+
+    def _drain(self, fd: int) -> bool:
+        """Up to BATCH splices from one pipe; True at its end."""
+        tag, output, budget = self._pipes[fd], self._output, self._budget
+        for _ in range(BATCH):
+            try:
+                if budget.over and self._full():  # this user's share is full: never anyone else's room
+                    n = self._discard(fd, None)
+                elif self._refused is not None and time.monotonic() < self._retry_at:
+                    n = self._discard(fd, self._refused)
+                else:
+                    n = output.splice_from(tag, fd, PIPE_SIZE)
+                    budget.captured(n)
+            except BlockingIOError:
+                return False
+            except OSError as e:  # the state dir's disk refused: keep the job unblocked, count the loss
+                self._refused, self._retry_at = e, time.monotonic() + DISK_RETRY
+                n = self._discard(fd, e)
+            if n == 0:
+                return True
+            if n < 0:  # nothing more in the pipe now
+                return False
+            if output.wanted or time.monotonic() - self._asked_at >= PUBLISH_INTERVAL:
+                self._ask()
+        return False
+
+    def _discard(self, fd: int, err: OSError | None) -> int:
+        try:
+            data = os.read(fd, PIPE_SIZE)
+        except BlockingIOError:
+            return -1
+        if data:
+            if not self._lost and self._on_lost is not None:
+                self._on_lost(err)
+            self._lost = True
+            self._output.skip_lost(len(data))  # readers see the gap where it is
+        return len(data)
+
+    def _full(self) -> bool:
+        """The loop's answer: is the share still full after reclaiming? (Store when there is no answer.)"""
+        answer: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def ask() -> None:
+            try:
+                full = self._budget.full()
+            except Exception:  # a failed reclaim must not end the capture: store, as with no share
+                log.exception("capture %s: reclaiming the share failed", self._thread.name)
+                full = False
+            answer.set_result(full)
+
+        if not self._call(ask):
+            return False
+        try:
+            return answer.result(ANSWER_TIMEOUT)
+        except TimeoutError:
+            return False
+
+    def _ask(self) -> None:
+        """Ask the loop to publish what was written, unless a request is in flight already."""
+        with self._lock:
+            if self._asked:
+                return
+            self._asked = True
+        self._asked_at = time.monotonic()
+        self._call(self._publish)
+
+    def _call(self, fn: Callable[[], None]) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            return False
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        with self._lock:
+            self._asked = False  # before reading the figures: a change after this asks again
+        output, start = self._output, self._output.start
+        self._budget.settle()
+        output.notify()  # what readers see, and the per-job cap applied
+        self._budget.used -= output.start - start  # what the per-job cap just dropped
+
+    def _finished(self) -> None:
+        self._publish()
+        os.close(self._wake)
+        self._wake = -1
+        self._output.capture_ended()
+        self.done.set()

@@ -1,0 +1,207 @@
+"""Capture: a job's pipes moved into its OutputLog by a thread, published to the loop; real pipes and files."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from jobsvc.budget import Budget
+from jobsvc.capture import Capture
+from jobsvc.output import LOST, STDERR, STDOUT, Chunk, OutputLog
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+    """(stdout read, write), (stderr read, write), as a job's."""
+    return os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+
+
+async def read_until(chunks: AsyncIterator[Chunk], total: int) -> list[Chunk]:
+    """Chunks from a live follower until `total` bytes have come."""
+    got: list[Chunk] = []
+    while sum(len(c.data) for c in got) < total:
+        got.append(await anext(chunks))
+    return got
+
+
+def runs(chunks: list[Chunk]) -> list[tuple[int, bytes]]:
+    """(stream, bytes) with neighbouring chunks of one stream joined."""
+    out: list[tuple[int, bytes]] = []
+    for c in chunks:
+        if out and out[-1][0] == c.fd:
+            out[-1] = (c.fd, out[-1][1] + c.data)
+        else:
+            out.append((c.fd, c.data))
+    return out
+
+
+async def test_both_pipes_reach_the_log_in_order_and_done_comes_after_the_last_byte(tmp_path: Path) -> None:
+    before, threads = open_fds(), threading.active_count()
+    log = OutputLog(tmp_path / "out", segment_size=4096)
+    (out_r, out_w), (err_r, err_w) = pipes()
+    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)))
+    capture.start()
+    follower = log.follow().__aiter__()
+    expected: list[tuple[int, bytes]] = []
+    for i in range(6):  # one stream at a time, each seen before the next: the order is the order of writing
+        fd, w = (STDOUT, out_w) if i % 2 == 0 else (STDERR, err_w)
+        data = bytes([65 + i]) * (3000 + 1000 * i)  # crosses segment boundaries
+        os.write(w, data)
+        expected.append((fd, data))
+        assert runs(await read_until(follower, len(data))) == [(fd, data)]
+    os.close(out_w)
+    os.close(err_w)
+    await capture.done.wait()
+    assert log.size == sum(len(d) for _, d in expected)  # everything is visible when done is set
+    log.close()
+    assert runs([c async for c in log.follow(follow=False)]) == expected
+    rest = [c async for c in follower]  # the live reader ends at the close, having missed nothing
+    assert rest == []
+    capture.join()
+    assert threading.active_count() == threads
+    assert open_fds() == before  # the pipes, the eventfd and the log's files are all closed
+
+
+async def test_the_loop_runs_on_while_a_write_is_blocked(tmp_path: Path) -> None:
+    # A throttled disk stands here as a splice that waits on an event: the loop's callbacks, a reader and the
+    # log's figures all go on meanwhile, and the bytes appear once the write goes through.
+    entered, release = threading.Event(), threading.Event()
+
+    class BlockedLog(OutputLog):
+        def splice_from(self, fd_tag: int, pipe_fd: int, limit: int) -> int:
+            if self.size > 0 and not release.is_set():  # the first write goes through, the second waits
+                entered.set()
+                release.wait()
+            return super().splice_from(fd_tag, pipe_fd, limit)
+
+    log = BlockedLog(tmp_path / "out")
+    (out_r, out_w), (err_r, err_w) = pipes()
+    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)))
+    capture.start()
+    follower = log.follow().__aiter__()
+    os.write(out_w, b"first\n")
+    assert runs(await read_until(follower, 6)) == [(STDOUT, b"first\n")]
+    os.write(out_w, b"second\n")
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait)
+    called = asyncio.Event()
+    asyncio.get_running_loop().call_soon(called.set)
+    await called.wait()  # a loop callback completes while the capture thread is blocked in its write
+    assert log.size == 6
+    assert [c.data async for c in log.follow(follow=False)] == [b"first\n"]
+    release.set()
+    assert runs(await read_until(follower, 7)) == [(STDOUT, b"second\n")]
+    os.close(out_w)
+    os.close(err_w)
+    await capture.done.wait()
+    log.close()
+
+
+async def test_a_busy_loop_is_asked_once_for_many_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = OutputLog(tmp_path / "out")
+    notified = 0
+    real_notify = log.notify
+
+    def counting_notify() -> None:
+        nonlocal notified
+        notified += 1
+        real_notify()
+
+    monkeypatch.setattr(log, "notify", counting_notify)
+    (out_r, out_w), (err_r, err_w) = pipes()
+    splices = 0
+    real_splice = log.splice_from
+
+    def counting_splice(fd_tag: int, pipe_fd: int, limit: int) -> int:
+        nonlocal splices
+        splices += 1
+        return real_splice(fd_tag, pipe_fd, 4096)  # small splices: many of them
+
+    monkeypatch.setattr(log, "splice_from", counting_splice)
+    payload = os.urandom(60_000)  # fits the pipe: written before the capture starts
+    os.write(out_w, payload)
+    os.close(out_w)
+    os.close(err_w)
+    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)))
+    capture.start()
+    capture.join()  # the loop is held here while the thread does all its work
+    assert splices >= 15
+    await capture.done.wait()
+    assert notified <= 2  # one request while the loop was busy, one at the end
+    log.close()
+    assert b"".join([c.data async for c in log.follow(follow=False)]) == payload
+
+
+async def test_stop_takes_what_is_there_and_closes_a_pipe_someone_still_holds(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out")
+    (out_r, out_w), (err_r, err_w) = pipes()
+    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)))
+    capture.start()
+    os.close(err_w)
+    follower = log.follow().__aiter__()
+    os.write(out_w, b"seen\n")
+    await read_until(follower, 5)
+    os.write(out_w, b"still in the pipe\n")
+    capture.stop()  # out_w stays open: without stop() the capture would wait for it forever
+    await capture.done.wait()
+    assert log.size == len(b"seen\nstill in the pipe\n")
+    with pytest.raises(OSError) as e:  # the capture's end of the pipe is closed
+        os.write(out_w, b"x")
+    assert e.value.errno == errno.EPIPE
+    os.close(out_w)
+    capture.stop()  # after the end: nothing happens (its eventfd is closed, never written)
+    log.close()
+
+
+async def test_a_full_share_loses_output_counted_where_it_was_and_asks_the_loop_to_reclaim(tmp_path: Path) -> None:
+    loop_thread = threading.get_ident()
+    reclaimed_on: list[int] = []
+    budget = Budget(100, lambda: reclaimed_on.append(threading.get_ident()))
+    log = OutputLog(tmp_path / "out")
+    (out_r, out_w), (err_r, err_w) = pipes()
+    lost: list[OSError | None] = []
+    capture = Capture("capture-test", log, budget, ((out_r, STDOUT), (err_r, STDERR)), lost.append)
+    capture.start()
+    follower = log.follow().__aiter__()
+    os.write(out_w, b"k" * 150)  # under the share when read: stored, and now over it
+    await read_until(follower, 150)
+    os.write(err_w, b"d" * 40)  # over the share: dropped
+    os.close(err_w)
+    os.write(out_w, b"e" * 10)
+    os.close(out_w)
+    await capture.done.wait()
+    assert reclaimed_on and set(reclaimed_on) == {loop_thread}  # the reclaim ran on the loop, not the thread
+    assert lost == [None]  # told once, with no disk error
+    assert (log.size, log.lost_bytes, log.lost_placed) == (200, 50, 50)
+    assert budget.used == 150 and budget.over
+    log.close()
+    chunks = [c async for c in log.follow(follow=False)]
+    assert b"".join(c.data for c in chunks) == b"k" * 150 and all(c.fd != LOST for c in chunks)
+
+
+async def test_the_per_job_cap_gives_the_share_back_what_it_drops(tmp_path: Path) -> None:
+    budget = Budget(None)
+    log = OutputLog(tmp_path / "out", segment_size=64 * 1024, max_bytes=128 * 1024)
+    (out_r, out_w), (err_r, err_w) = pipes()
+    capture = Capture("capture-test", log, budget, ((out_r, STDOUT), (err_r, STDERR)))
+    capture.start()
+    os.close(err_w)
+
+    def write_all() -> None:
+        for _ in range(16):
+            os.write(out_w, b"z" * 64 * 1024)
+        os.close(out_w)
+
+    await asyncio.get_running_loop().run_in_executor(None, write_all)
+    await capture.done.wait()
+    assert log.size == 16 * 64 * 1024 and log.start > 0
+    assert budget.used == log.size - log.start  # what was stored minus what the cap dropped
+    log.close()
