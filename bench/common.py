@@ -24,7 +24,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: jobsvc, jobctl, py-spy
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/jobsvc-bench"))
+# not under /tmp or /var/tmp: jobs get private ones, and fanout's gate files must be seen by its jobs
+DEFAULT_SCRATCH = Path(os.environ.get("BENCH_SCRATCH", str(REPO / "bench" / ".scratch")))
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CLK_TCK = os.sysconf("SC_CLK_TCK")
