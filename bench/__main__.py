@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -62,20 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: jobsvc needs root (it makes cgroups); run as root", file=sys.stderr)
         return 2
     opts.scratch.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
+    # the jobctl agents the benchmarks start live in a runtime dir of this run's own, and end with it
+    runtime = opts.scratch / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     t0 = time.monotonic()
-    for name in names:
-        print(f"== {name}{' (quick)' if opts.quick else ''}", flush=True)
-        module = importlib.import_module(f"bench.{name}")
-        try:
-            result: Result = module.run(opts)
-        except Exception:  # one broken benchmark must not hide the others' numbers
-            traceback.print_exc()
-            failed.append(name)
-            result = Result(name)
-            result.note("the benchmark failed: " + traceback.format_exc().strip().splitlines()[-1])
-        path = write_result(result, opts)
-        print(f"   {name}: {result.seconds:.0f} s -> {path}", flush=True)
+    try:
+        failed = run_all(names, opts)
+    finally:
+        end_agents(runtime)
     docs = []
     for name in BENCHMARKS:
         path = opts.results / f"{name}.json"
@@ -92,6 +89,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_all(names: list[str], opts: Options) -> list[str]:
+    """Run each benchmark and write its result; the names of those that failed."""
+    failed: list[str] = []
+    for name in names:
+        print(f"== {name}{' (quick)' if opts.quick else ''}", flush=True)
+        module = importlib.import_module(f"bench.{name}")
+        try:
+            result: Result = module.run(opts)
+        except Exception:  # one broken benchmark must not hide the others' numbers
+            traceback.print_exc()
+            failed.append(name)
+            result = Result(name)
+            result.note("the benchmark failed: " + traceback.format_exc().strip().splitlines()[-1])
+        path = write_result(result, opts)
+        print(f"   {name}: {result.seconds:.0f} s -> {path}", flush=True)
+    return failed
+
+
+def end_agents(runtime: Path) -> None:
+    """SIGTERM the jobctl agents started under runtime (by the pid each wrote; ours, by construction)."""
+    for pid_file in (runtime / "jobctl").glob("*.pid"):
+        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:  # an agent holds its pid file's lock while it lives: a lock we get means it is gone
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                continue
+            except BlockingIOError:
+                pass
+            pid = int(os.read(fd, 64).split()[0])
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            os.close(fd)
 
 
 if __name__ == "__main__":
