@@ -124,8 +124,8 @@ class Source:
         self.names[name] = value
         return name
 
-    def compile(self, name: str, lines: list[str]) -> Any:
-        code = "\n".join([f"def {name}(o):", *(f"    {line}" for line in lines)])
+    def compile(self, name: str, lines: list[str], params: str = "o") -> Any:
+        code = "\n".join([f"def {name}({params}):", *(f"    {line}" for line in lines)])
         namespace: dict[str, Any] = {}
         exec(compile(code, f"<jobsvc.codec {name}>", "exec"), dict(self.names), namespace)
         fn = namespace[name]
@@ -241,3 +241,34 @@ def _or_default(src: Source, s: Shape, raw: str) -> str:
     if not s.default:  # 0, False, "": `or` also turns a null (or a missing key) into the default
         return f"({raw} or {default})"
     return f"({default} if (v := {raw}) is None else v)"
+
+
+# -- an object that holds a record's fields as its own attributes (a Job) ---------------------------------------
+
+
+def from_attributes(cls: type[T], given: tuple[str, ...]) -> Callable[..., T]:
+    """(o, **given) -> cls, every field not given taken from o's attribute of the same name."""
+    fn: Callable[..., T] = made_once(f"from attributes {given}", cls, lambda: _from_attributes(cls, given))
+    return fn
+
+
+def _from_attributes(cls: type, given: tuple[str, ...]) -> Any:
+    src = Source()
+    names = [s.name for s in shapes(cls)]
+    args = [f"{n}={n}," if n in given else f"{n}=o.{n}," for n in names]
+    params = ", ".join(["o", "*", *given])
+    return src.compile(f"{cls.__name__}_from_attributes", [f"return {src.ref(cls, 'cls')}(", *args, ")"], params)
+
+
+def to_attributes(cls: type[T], names: tuple[str, ...]) -> Callable[[object, T], None]:
+    """(o, obj) -> None: set o's attributes of these names from obj's fields."""
+    fn: Callable[[object, T], None] = made_once(f"to attributes {names}", cls, lambda: _to_attributes(cls, names))
+    return fn
+
+
+def _to_attributes(cls: type, names: tuple[str, ...]) -> Any:
+    fields = {s.name for s in shapes(cls)}
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+    return Source().compile(f"{cls.__name__}_to_attributes", [f"o.{n} = r.{n}" for n in names] or ["pass"], "o, r")
