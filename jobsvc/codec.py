@@ -86,6 +86,8 @@ def _shape(cls: type, name: str, tp: Any, default: Any) -> Shape:
         kind = "scalar"
     else:
         raise TypeError(f"{cls.__name__}.{name}: no derived form for {tp}")
+    if optional and kind in ("argv", "records"):
+        raise TypeError(f"{cls.__name__}.{name}: a tuple field is never None (its empty tuple says none)")
     if kind == "argv" and name not in STORE_KEYS:
         raise TypeError(f"{cls.__name__}.{name}: a bytes field needs its lossless store key in STORE_KEYS")
     return Shape(name, kind, optional, tp, default)

@@ -268,3 +268,6 @@ def test_an_annotation_without_a_derived_form_is_refused_when_the_converter_is_m
     odd = dataclasses.make_dataclass("Odd", [("when", dt.date)], frozen=True)
     with pytest.raises(TypeError, match=r"Odd.when: no derived form"):
         codec.shapes(odd)
+    maybe = dataclasses.make_dataclass("Maybe", [("io", tuple[IoLimit, ...] | None)], frozen=True)
+    with pytest.raises(TypeError, match=r"Maybe.io: a tuple field is never None"):
+        codec.shapes(maybe)
