@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from jobsvc import params
 from jobsvc.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -75,32 +76,11 @@ def _bad(message: str, hint: str) -> click.BadParameter:
     return click.BadParameter(message, param_hint=hint)
 
 
-class Duration(click.ParamType):
-    """Seconds as 90, 90s, 1m30s, 2m, 1.5h, 7d (jobsvc.limits.parse_duration, as the server reads them)."""
-
-    name = "duration"
-
-    def __init__(self, allow_zero: bool = False, maximum: float | None = None) -> None:
-        self.allow_zero = allow_zero
-        self.maximum = maximum
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = repr(value)  # a default or a number from the config file
-        if not isinstance(value, str):
-            self.fail(f"want a duration such as 90s or 1m30s, got {value!r}", param, ctx)
-        from jobsvc.limits import parse_duration
-
-        try:
-            seconds = parse_duration(value, "duration", allow_zero=self.allow_zero)
-        except InvalidArgumentError as e:
-            self.fail(e.message.removeprefix("duration: "), param, ctx)
-        if self.maximum is not None and seconds > self.maximum:
-            self.fail(f"{value!r} is more than the maximum of {self.maximum:g}s", param, ctx)
-        return seconds
-
-
-DURATION = Duration()
+# jobsvc's one vocabulary for limits (jobsvc.params), in jobctl's wording of a bad value
+DURATION = params.Duration("duration", strip=True)
+GRACE = params.Duration("duration", strip=True, allow_zero=True, maximum=3600)
+CPU = params.Cpu(hint="bare")  # the server checks the value (its CPUs, its maximum)
+MEMORY = params.Size("--memory", hint="none")
 
 
 class Since(click.ParamType):
@@ -169,47 +149,24 @@ def _complete_contexts(ctx: click.Context, param: click.Parameter, incomplete: s
 # -- job options -------------------------------------------------------------------------------------------------
 
 
-def _size_option(value: str | None, what: str) -> int | None:
-    from jobsvc.limits import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value, what)
-    except InvalidArgumentError as e:
-        raise click.BadParameter(e.message) from None
+_IO_OPTIONS = (  # option, IoLimit field, a rate (size suffixes) or a count
+    ("io_read_bps", "read_bps", True),
+    ("io_write_bps", "write_bps", True),
+    ("io_read_iops", "read_iops", False),
+    ("io_write_iops", "write_iops", False),
+)
 
 
 def _limits(opts: dict[str, Any]) -> Limits:
-    from jobsvc.limits import merge_io, parse_count, parse_cpu, parse_size, split_device_value
+    from jobsvc.limits import merge_io
     from jobsvc.model import Limits
 
-    cpu = None
-    if opts["cpu"] is not None:
-        try:
-            cpu = parse_cpu(opts["cpu"])
-        except InvalidArgumentError as e:
-            raise _bad(e.message, "--cpu") from None
-    io_entries = []
-    for flag, name, is_rate in (
-        ("io_read_bps", "read_bps", True),
-        ("io_write_bps", "write_bps", True),
-        ("io_read_iops", "read_iops", False),
-        ("io_write_iops", "write_iops", False),
-    ):
-        for text in opts[flag]:
-            hint = "--" + flag.replace("_", "-")
-            try:
-                dev, value = split_device_value(text, hint)
-                n = parse_size(value, hint) if is_rate else parse_count(value, hint)
-            except InvalidArgumentError as e:
-                raise _bad(e.message.removeprefix(hint + ": "), hint) from None
-            io_entries.append((dev, name, n))
+    io_entries = [(dev, name, n) for flag, name, _ in _IO_OPTIONS for dev, n in opts[flag]]
     try:
         io = merge_io(io_entries)
     except InvalidArgumentError as e:
         raise click.BadParameter(e.message) from None
-    return Limits(cpu=cpu, memory_bytes=_size_option(opts["memory"], "--memory"), pids=opts["pids"], io=io)
+    return Limits(cpu=opts["cpu"], memory_bytes=opts["memory"], pids=opts["pids"], io=io)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -255,10 +212,14 @@ def _job_spec(opts: dict[str, Any]) -> dict[str, Any]:
 def job_options(f: F) -> F:
     options = [
         click.option(
-            "--cpu", metavar="N", help="CPU limit: N CPUs as a decimal (0.25 = a quarter of one CPU, 2 = two CPUs)."
+            "--cpu",
+            type=CPU,
+            metavar="N",
+            help="CPU limit: N CPUs as a decimal (0.25 = a quarter of one CPU, 2 = two CPUs).",
         ),
         click.option(
             "--memory",
+            type=MEMORY,
             metavar="SIZE",
             help="Memory limit (swap included) in bytes, with K/M/G/T suffixes in binary units (64M = 64 MiB).",
         ),
@@ -270,24 +231,28 @@ def job_options(f: F) -> F:
         ),
         click.option(
             "--io-read-bps",
+            type=params.DeviceValue("--io-read-bps", rate=True),
             multiple=True,
             metavar="DEV=RATE",
             help="Read bytes/s on a disk (/dev/vda=1M or 254:0=1M; K/M/G suffixes). Repeatable.",
         ),
         click.option(
             "--io-write-bps",
+            type=params.DeviceValue("--io-write-bps", rate=True),
             multiple=True,
             metavar="DEV=RATE",
             help="Write bytes/s on a disk (/dev/vda=1M or 254:0=1M; K/M/G suffixes). Repeatable.",
         ),
         click.option(
             "--io-read-iops",
+            type=params.DeviceValue("--io-read-iops", rate=False),
             multiple=True,
             metavar="DEV=N",
             help="Read operations/s on a disk (/dev/vda=100). Repeatable.",
         ),
         click.option(
             "--io-write-iops",
+            type=params.DeviceValue("--io-write-iops", rate=False),
             multiple=True,
             metavar="DEV=N",
             help="Write operations/s on a disk (/dev/vda=100). Repeatable.",
@@ -370,7 +335,7 @@ reconnect_option = click.option(
     "--reconnect-for",
     envvar="JOBCTL_RECONNECT_FOR",
     show_envvar=True,
-    type=Duration(allow_zero=True),
+    type=params.Duration("duration", strip=True, allow_zero=True),
     default="60s",
     show_default=True,
     metavar="DURATION",
@@ -552,9 +517,6 @@ def _signal_number(value: str | None) -> int | None:
         return int(signal.Signals[name])
     except KeyError:
         raise _bad(f"unknown signal {value!r} (e.g. TERM, INT, HUP, KILL or a number)", "--signal") from None
-
-
-GRACE = Duration(allow_zero=True, maximum=3600)
 
 
 @cli.command()

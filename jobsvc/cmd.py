@@ -3,47 +3,17 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
+from jobsvc import params
 from jobsvc.errors import InvalidArgumentError
-from jobsvc.limits import LimitPolicy, parse_cpu, parse_duration, parse_size
+from jobsvc.limits import LimitPolicy
 from jobsvc.model import Limits
 
-
-class _Parsed(click.ParamType):
-    """A value parsed by one of jobsvc.limits' parsers, so the server and the engine read it alike."""
-
-    def __init__(self, name: str, parse: Callable[[str, str], Any]) -> None:
-        self.name = name
-        self._parse = parse
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str):
-            return value  # a default already parsed
-        try:
-            return self._parse(value, param.name if param and param.name else self.name)
-        except InvalidArgumentError as e:
-            self.fail(e.message, param, ctx)
-
-
-class _Cpu(click.ParamType):
-    name = "cpus"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            cpu = parse_cpu(str(value))
-        except InvalidArgumentError as e:
-            self.fail(e.message, param, ctx)
-        if not cpu > 0:
-            self.fail("must be a positive number of CPUs", param, ctx)
-        return cpu
-
-
-SIZE, CPUS, DURATION = _Parsed("size", parse_size), _Cpu(), _Parsed("duration", parse_duration)
+# jobsvc.params: the one vocabulary for limits, shared with jobctl; a bad value names the option
+SIZE, CPUS, DURATION = params.Size(), params.Cpu(positive=True), params.Duration()
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 

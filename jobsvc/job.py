@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
+from jobsvc import codec
 from jobsvc.budget import Budget
 from jobsvc.capture import Capture
 from jobsvc.cgroups.base import JobGroup
@@ -115,14 +116,7 @@ class Job:
             timeout=record.timeout_seconds,
             ended=True,
         )
-        job.started_at, job.ended_at, job.pid = record.started_at, record.ended_at, record.pid
-        job.status, job.reason, job.oom_killed, job.pids_limit_hit, job.usage = (
-            record.status,
-            record.reason,
-            record.oom_killed,
-            record.pids_limit_hit,
-            record.usage,
-        )
+        _restore_fields(job, record)
         job.exit = ExitInfo(record.exit_code, record.signal)
         output.lost_bytes = max(output.lost_bytes, record.output_lost_bytes)
         return job
@@ -134,29 +128,17 @@ class Job:
         self.status = new
 
     def record(self) -> JobRecord:
+        """The record: the fields the job holds under their own names, and these computed ones."""
         exit_info = self.exit or ExitInfo(None, None)
-        usage = self.usage if self.ended else self._live_usage()
-        return JobRecord(
-            id=self.id,
-            owner=self.owner,
+        return _record_of(
+            self,
             command=self.argv,
-            status=self.status,
-            started_at=self.started_at,
-            limits=self.limits,
-            pid=self.pid,
-            reason=self.reason,
             exit_code=exit_info.exit_code,
             signal=exit_info.signal,
-            oom_killed=self.oom_killed,
-            pids_limit_hit=self.pids_limit_hit,
-            ended_at=self.ended_at,
-            usage=usage,
+            usage=self.usage if self.ended else self._live_usage(),
             output_bytes=self.output.size,
-            uid=self.uid,
             output_dropped_bytes=self.output.start,
             output_lost_bytes=self.output.lost_bytes,
-            timeout_seconds=self.timeout_seconds,
-            workdir=self.workdir,
         )
 
     def _live_usage(self) -> Usage:
@@ -290,3 +272,12 @@ class Job:
         if not self._ended.is_set():
             await self.group.kill()
         await self._ended.wait()
+
+
+# One definition per record field: a field the job holds under its own name is copied both ways (a new field needs
+# a slot of that name, or a place among the computed ones in record(), else record() fails); made once, compiled.
+_COMPUTED = ("command", "exit_code", "signal", "usage", "output_bytes", "output_dropped_bytes", "output_lost_bytes")
+_record_of = codec.from_attributes(JobRecord, _COMPUTED)
+_restore_fields = codec.to_attributes(
+    JobRecord, tuple(n for n in (f.name for f in dataclasses.fields(JobRecord)) if n in Job.__slots__)
+)

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobsvc.codec import display_arg, format_time, json_encoder, parse_time
 from jobsvc.states import JobStatus
 
-
-def format_time(t: dt.datetime | None) -> str | None:
-    """UTC as RFC 3339 with a trailing Z (microseconds kept)."""
-    if t is None:
-        return None
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(s: str | None) -> dt.datetime | None:
-    if s is None:
-        return None
-    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-
-
-def display_arg(arg: bytes) -> str:
-    """An argv element as text: UTF-8, with undecodable bytes shown as \\xNN escapes."""
-    return arg.decode("utf-8", "backslashreplace")
+__all__ = ["ExitInfo", "IoLimit", "JobRecord", "Limits", "Usage", "display_arg", "format_time", "parse_time"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +23,6 @@ class IoLimit:
     read_iops: int | None = None
     write_iops: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -51,23 +32,6 @@ class Limits:
     memory_bytes: int | None = None
     pids: int | None = None
     io: tuple[IoLimit, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "cpu": self.cpu,
-            "memory_bytes": self.memory_bytes,
-            "pids": self.pids,
-            "io": [io.to_dict() for io in self.io],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Limits:
-        return cls(
-            cpu=d.get("cpu"),
-            memory_bytes=d.get("memory_bytes"),
-            pids=d.get("pids"),
-            io=tuple(IoLimit(**io) for io in d.get("io") or ()),
-        )
 
 
 @dataclass(frozen=True)
@@ -79,13 +43,6 @@ class Usage:
     memory_peak_bytes: int | None = None
     io_read_bytes: int | None = None
     io_write_bytes: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Usage:
-        return cls(**(d or {}))
 
 
 @dataclass(frozen=True)
@@ -104,23 +61,27 @@ class ExitInfo:
         return cls(exit_code=os.waitstatus_to_exitcode(status), signal=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobRecord:
-    """Everything a client may know about a job, at one moment."""
+    """Everything a client may know about a job, at one moment.
+
+    The fields are its JSON form, in this order (jobsvc.codec derives the JSON, store and wire forms from them);
+    a new field is an edit here and in proto/jobsvc/v1/jobs.proto.
+    """
 
     id: str
     owner: str
     command: tuple[bytes, ...]
     status: JobStatus
-    started_at: dt.datetime
-    limits: Limits = field(default_factory=Limits)
-    pid: int | None = None
     reason: str | None = None
     exit_code: int | None = None
     signal: int | None = None
     oom_killed: bool = False
     pids_limit_hit: bool = False  # a fork was refused at the job's pids limit
+    pid: int | None = None
+    started_at: dt.datetime
     ended_at: dt.datetime | None = None
+    limits: Limits = field(default_factory=Limits)
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
     uid: int | None = None  # the Unix user the job runs as
@@ -131,28 +92,7 @@ class JobRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The one JSON form of a job (what `jobctl --json` prints)."""
-        return {
-            "id": self.id,
-            "owner": self.owner,
-            "command": [display_arg(a) for a in self.command],
-            "status": self.status.value,
-            "reason": self.reason,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "oom_killed": self.oom_killed,
-            "pids_limit_hit": self.pids_limit_hit,
-            "pid": self.pid,
-            "started_at": format_time(self.started_at),
-            "ended_at": format_time(self.ended_at),
-            "limits": self.limits.to_dict(),
-            "usage": self.usage.to_dict(),
-            "output_bytes": self.output_bytes,
-            "uid": self.uid,
-            "output_dropped_bytes": self.output_dropped_bytes,
-            "output_lost_bytes": self.output_lost_bytes,
-            "timeout_seconds": self.timeout_seconds,
-            "workdir": self.workdir,
-        }
+        return json_encoder(JobRecord)(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from jobsvc import codec
 from jobsvc.lock import DirLock, LockHeldError
-from jobsvc.model import JobRecord, Limits, Usage, parse_time
-from jobsvc.states import JobStatus
+from jobsvc.model import JobRecord
 
 FORMAT_VERSION = 1  # of a record
 # of the state dir: 2 added the journal, which a jobsvc that reads 1 would not know to replay
@@ -91,48 +91,22 @@ def read_journal(data: bytes) -> tuple[dict[str, dict[str, Any] | None], int]:
     return last, good
 
 
+_ARGV_KEYS = tuple(codec.store_extras(JobRecord))  # the bytes fields, kept losslessly beside their text
+_to_json = codec.json_encoder(JobRecord)
+_from_json = codec.store_decoder(JobRecord)  # made once: a restart decodes every kept record
+
+
 def record_to_json(record: JobRecord) -> dict[str, Any]:
-    d = record.to_dict()
+    """The record's JSON form, its format number and its argv as they were (os.fsdecode, not display text)."""
+    d = _to_json(record)
     d["format"] = FORMAT_VERSION
-    d["argv"] = [os.fsdecode(a) for a in record.command]  # lossless (surrogateescape), unlike "command"
+    for name, key in _ARGV_KEYS:
+        d[key] = [os.fsdecode(a) for a in getattr(record, name)]
     return d
 
 
-_NO_LIMITS = Limits()
-
-
-def _limits(d: dict[str, Any] | None) -> Limits:
-    # most jobs set none: one shared (frozen) object for them all, not one per kept record
-    if not d or not any(d.values()):
-        return _NO_LIMITS
-    return Limits.from_dict(d)
-
-
 def record_from_json(d: dict[str, Any]) -> JobRecord:
-    started = parse_time(d["started_at"])
-    assert started is not None
-    return JobRecord(
-        id=d["id"],
-        owner=d["owner"],
-        command=tuple([os.fsencode(a) for a in d["argv"]]),
-        status=JobStatus(d["status"]),
-        started_at=started,
-        limits=_limits(d.get("limits")),
-        pid=d.get("pid"),
-        reason=d.get("reason"),
-        exit_code=d.get("exit_code"),
-        signal=d.get("signal"),
-        oom_killed=bool(d.get("oom_killed")),
-        pids_limit_hit=bool(d.get("pids_limit_hit")),
-        ended_at=parse_time(d.get("ended_at")),
-        usage=Usage.from_dict(d.get("usage")),
-        output_bytes=int(d.get("output_bytes") or 0),
-        uid=d.get("uid"),
-        output_dropped_bytes=int(d.get("output_dropped_bytes") or 0),
-        output_lost_bytes=int(d.get("output_lost_bytes") or 0),
-        timeout_seconds=d.get("timeout_seconds"),
-        workdir=d.get("workdir"),
-    )
+    return _from_json(d)
 
 
 REMOVED = "removed (its files were being deleted)"

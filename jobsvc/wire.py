@@ -1,36 +1,48 @@
-"""Proto <-> model translation, shared by the server's servicer and jobctl's client (no grpc import here)."""
+"""Proto <-> model translation, shared by the server's servicer and jobctl's client (no grpc import here).
+
+The conversions are derived (jobsvc.codec) from the dataclasses and each message's descriptor: a field is copied
+under its own name; an optional model field is an optional proto field (HasField), or, where the proto field has
+no presence (Job.workdir), its empty value means None; enums map by member name (RUNNING <-> JOB_STATUS_RUNNING).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from jobsvc import codec
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc.errors import InvalidArgumentError
 from jobsvc.model import IoLimit, JobRecord, Limits, Usage
 from jobsvc.states import JobStatus
 
-_STATUS_TO_PB = {
-    JobStatus.RUNNING: pb.JOB_STATUS_RUNNING,
-    JobStatus.STOPPED: pb.JOB_STATUS_STOPPED,
-    JobStatus.FINISHED: pb.JOB_STATUS_FINISHED,
-}
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+
+# the message of each dataclass (the one name that differs: a JobRecord is a Job on the wire)
+MESSAGES: dict[type, type[Message]] = {JobRecord: pb.Job, Limits: pb.Limits, Usage: pb.Usage, IoLimit: pb.IoLimit}
+
+
+def enum_values(py_enum: type[E], pb_enum: Any) -> dict[E, int]:
+    """member -> number: JobStatus.RUNNING is JOB_STATUS_RUNNING (the proto enum's name in UPPER_SNAKE_CASE)."""
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", pb_enum.name).upper()
+    return {m: pb_enum.values_by_name[f"{prefix}_{m.name}"].number for m in py_enum}
+
+
+_STATUS_TO_PB = enum_values(JobStatus, pb.Job.DESCRIPTOR.fields_by_name["status"].enum_type)
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
-_IO_FIELDS = ("read_bps", "write_bps", "read_iops", "write_iops")
-_USAGE_FIELDS = (
-    "cpu_seconds",
-    "cpu_throttled_periods",
-    "memory_peak_bytes",
-    "io_read_bytes",
-    "io_write_bytes",
-)
 
 
 def status_from_pb(value: int) -> JobStatus:
     """A JobStatus enum value from the wire; InvalidArgumentError for unknown values."""
     try:
-        return _STATUS_FROM_PB[value]  # type: ignore[index]
+        return _STATUS_FROM_PB[value]
     except KeyError:
         raise InvalidArgumentError(f"unknown job status {value}") from None
 
@@ -45,76 +57,87 @@ def _ts(t: dt.datetime) -> Timestamp:
     return ts
 
 
-def _opt(msg: object, name: str) -> object | None:
-    return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+def _from_ts(ts: Timestamp) -> dt.datetime:
+    return ts.ToDatetime(dt.UTC)
 
 
-def _present(obj: object, names: tuple[str, ...]) -> dict[str, object]:
-    """The named attributes of obj that are set (not None): what an optional proto field carries."""
-    return {n: v for n in names if (v := getattr(obj, n)) is not None}
+def _fields(cls: type) -> dict[str, Any]:
+    """The message's field descriptors by name."""
+    return dict(MESSAGES[cls].DESCRIPTOR.fields_by_name)
 
 
-def limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        io=[pb.IoLimit(device=io.device, **_present(io, _IO_FIELDS)) for io in limits.io],  # type: ignore[arg-type]
-        **_present(limits, ("cpu", "memory_bytes", "pids")),  # type: ignore[arg-type]
-    )
+def encoder(cls: type[T]) -> Callable[[T], Any]:
+    """obj -> its message. Optional fields are set only when not None (unset is how the wire says None)."""
+    fn: Callable[[T], Any] = codec.made_once("pb", cls, lambda: _encoder(cls))
+    return fn
 
 
-def limits_from_pb(msg: pb.Limits) -> Limits:
-    return Limits(
-        cpu=_opt(msg, "cpu"),  # type: ignore[arg-type]
-        memory_bytes=_opt(msg, "memory_bytes"),  # type: ignore[arg-type]
-        pids=_opt(msg, "pids"),  # type: ignore[arg-type]
-        io=tuple(IoLimit(device=io.device, **{f: _opt(io, f) for f in _IO_FIELDS}) for io in msg.io),  # type: ignore[arg-type]
-    )
+def decoder(cls: type[T]) -> Callable[[Any], T]:
+    """message -> obj: an unset optional field is None."""
+    fn: Callable[[Any], T] = codec.made_once("from pb", cls, lambda: _decoder(cls))
+    return fn
 
 
-def job_to_pb(r: JobRecord) -> pb.Job:
-    optional = _present(r, ("reason", "exit_code", "signal", "pid", "uid", "timeout_seconds"))
-    if r.ended_at is not None:
-        optional["ended_at"] = _ts(r.ended_at)
-    return pb.Job(
-        id=r.id,
-        owner=r.owner,
-        command=list(r.command),
-        status=_STATUS_TO_PB[r.status],
-        oom_killed=r.oom_killed,
-        pids_limit_hit=r.pids_limit_hit,
-        started_at=_ts(r.started_at),
-        limits=limits_to_pb(r.limits),
-        usage=pb.Usage(**_present(r.usage, _USAGE_FIELDS)),  # type: ignore[arg-type]
-        output_bytes=r.output_bytes,
-        output_dropped_bytes=r.output_dropped_bytes,
-        output_lost_bytes=r.output_lost_bytes,
-        workdir=r.workdir or "",
-        **optional,  # type: ignore[arg-type]
-    )
+def _encoder(cls: type) -> Any:
+    src = codec.Source()
+    always, optional = [], []
+    fields = _fields(cls)
+    for s in codec.shapes(cls):
+        value = f"o.{s.name}"
+        if s.kind == "enum":
+            value = f"{src.ref(enum_values(s.type, fields[s.name].enum_type), 'enum')}[{{}}]"
+        elif s.kind == "time":
+            value = f"{src.ref(_ts, 'ts')}({{}})"
+        elif s.kind == "record":
+            value = f"{src.ref(encoder(s.type), 'enc')}({{}})"
+        elif s.kind == "records":
+            value = f"[{src.ref(encoder(s.type), 'enc')}(x) for x in {{}}]"
+        else:
+            value = "{}"
+        if not s.optional:
+            always.append(f"{s.name}={value.format(f'o.{s.name}')},")
+        elif fields[s.name].has_presence:
+            optional += [f"if (v := o.{s.name}) is not None:", f"    kw[{s.name!r}] = {value.format('v')}"]
+        else:  # no presence on the wire: None travels as the empty value
+            empty = src.ref(fields[s.name].default_value, "empty")
+            always.append(f"{s.name}={empty} if (v := o.{s.name}) is None else {value.format('v')},")
+    message = src.ref(MESSAGES[cls], "message")
+    lines = ["kw = dict(", *always, ")", *optional, f"return {message}(**kw)"]
+    return src.compile(f"{cls.__name__}_to_pb", lines)
 
 
-def job_from_pb(msg: pb.Job) -> JobRecord:
-    return JobRecord(
-        id=msg.id,
-        owner=msg.owner,
-        command=tuple(msg.command),
-        status=_STATUS_FROM_PB[msg.status],
-        started_at=msg.started_at.ToDatetime(dt.UTC),
-        limits=limits_from_pb(msg.limits),
-        pid=_opt(msg, "pid"),  # type: ignore[arg-type]
-        reason=_opt(msg, "reason"),  # type: ignore[arg-type]
-        exit_code=_opt(msg, "exit_code"),  # type: ignore[arg-type]
-        signal=_opt(msg, "signal"),  # type: ignore[arg-type]
-        oom_killed=msg.oom_killed,
-        pids_limit_hit=msg.pids_limit_hit,
-        ended_at=msg.ended_at.ToDatetime(dt.UTC) if msg.HasField("ended_at") else None,
-        usage=Usage(**{f: _opt(msg.usage, f) for f in _USAGE_FIELDS}),  # type: ignore[arg-type]
-        output_bytes=msg.output_bytes,
-        uid=_opt(msg, "uid"),  # type: ignore[arg-type]
-        output_dropped_bytes=msg.output_dropped_bytes,
-        output_lost_bytes=msg.output_lost_bytes,
-        timeout_seconds=_opt(msg, "timeout_seconds"),  # type: ignore[arg-type]
-        workdir=msg.workdir or None,
-    )
+def _decoder(cls: type) -> Any:
+    src = codec.Source()
+    args = []
+    fields = _fields(cls)
+    for s in codec.shapes(cls):
+        raw = f"o.{s.name}"
+        if s.kind == "enum":
+            to_pb: dict[Any, int] = enum_values(s.type, fields[s.name].enum_type)
+            from_pb = {number: member for member, number in to_pb.items()}
+            value = f"{src.ref(from_pb, 'enum')}[{raw}]"
+        elif s.kind == "time":
+            value = f"{src.ref(_from_ts, 'ts')}({raw})"
+        elif s.kind == "record":
+            value = f"{src.ref(decoder(s.type), 'dec')}({raw})"
+        elif s.kind == "records":
+            value = f"tuple([{src.ref(decoder(s.type), 'dec')}(x) for x in {raw}])"
+        elif s.kind == "argv":
+            value = f"tuple({raw})"
+        else:
+            value = raw
+        if s.optional and fields[s.name].has_presence:
+            value = f"({value} if o.HasField({s.name!r}) else None)"
+        elif s.optional:  # no presence on the wire: the empty value is None
+            value = f"({raw} or None)"
+        args.append(f"{s.name}={value},")
+    return src.compile(f"{cls.__name__}_from_pb", [f"return {src.ref(cls, 'cls')}(", *args, ")"])
+
+
+limits_to_pb: Callable[[Limits], pb.Limits] = encoder(Limits)
+limits_from_pb: Callable[[pb.Limits], Limits] = decoder(Limits)
+job_to_pb: Callable[[JobRecord], pb.Job] = encoder(JobRecord)
+job_from_pb: Callable[[pb.Job], JobRecord] = decoder(JobRecord)
 
 
 def _varint(value: int) -> bytes:
