@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from jobsvc import disk
 from jobsvc.budget import Budget
 from jobsvc.output import OutputLog
 
@@ -133,6 +134,13 @@ class Capture:
                 return
             self._ask()  # the pipes are empty for now (or had their turn): show what arrived
 
+    def _still_refused(self) -> bool:
+        """Within DISK_RETRY of the disk's last refusal and its filesystem still has no room for a pipe's worth:
+        output is dropped without trying (output written once room returns is stored at once)."""
+        if time.monotonic() >= self._retry_at:
+            return False
+        return not disk.has_room(self._output.directory, PIPE_SIZE)
+
     def _drain(self, fd: int) -> bool:
         """Up to BATCH splices from one pipe; True at its end."""
         tag, output, budget = self._pipes[fd], self._output, self._budget
@@ -140,7 +148,7 @@ class Capture:
             try:
                 if budget.over and self._full():  # this user's share is full: never anyone else's room
                     n = self._discard(fd, None)
-                elif self._refused is not None and time.monotonic() < self._retry_at:
+                elif self._refused is not None and self._still_refused():
                     n = self._discard(fd, self._refused)
                 else:
                     n = output.splice_from(tag, fd, PIPE_SIZE)

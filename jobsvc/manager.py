@@ -192,7 +192,7 @@ class JobManager:
     def _restore(self, record: JobRecord) -> Job:
         """An ended job: its groups went with it; its output is read when someone streams it."""
         output = OutputLog.ended(
-            self._store.output_dir(record.id),
+            self._store.output_path(record.id),
             record.output_bytes,
             record.output_dropped_bytes,
             record.output_lost_bytes,

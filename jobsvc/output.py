@@ -116,13 +116,48 @@ class OutputLog:
     never blocked, and readers that fall behind skip to the oldest retained byte (the chunk offsets show the gap).
     """
 
+    # One per kept job (50,000 after a long run): slots, and the directory kept as the str it came as
+    __slots__ = (
+        "_capturing",
+        "_closed",
+        "_dirname",
+        "_fresh",
+        "_index_fd",
+        "_last_fd",
+        "_last_run_ms",
+        "_last_run_start",
+        "_lock",
+        "_max_bytes",
+        "_read_fds",
+        "_readers",
+        "_runs",
+        "_seg_size",
+        "_size",
+        "_start",
+        "_unread",
+        "_w_last",
+        "_w_lost",
+        "_w_lost_placed",
+        "_w_runs",
+        "_w_size",
+        "_waiter",
+        "_wfd",
+        "_wseg",
+        "lost_bytes",
+        "lost_placed",
+    )
+
     def __init__(
-        self, directory: Path, segment_size: int = SEGMENT_SIZE, max_bytes: int | None = None, create: bool = True
+        self,
+        directory: Path | str,
+        segment_size: int = SEGMENT_SIZE,
+        max_bytes: int | None = None,
+        create: bool = True,
     ) -> None:
-        self._dir = directory
+        self._dirname = os.fspath(directory)
         if create:
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "segment-size").write_text(f"{segment_size}\n")
+            self._dir.mkdir(parents=True, exist_ok=True)
+            (self._dir / "segment-size").write_text(f"{segment_size}\n")
         self._seg_size = segment_size
         self._max_bytes = max_bytes
         self._index_fd = -1
@@ -153,6 +188,14 @@ class OutputLog:
         self._unread = False  # an ended job's log not read back from disk yet (see ended())
 
     @property
+    def _dir(self) -> Path:
+        return Path(self._dirname)
+
+    @property
+    def directory(self) -> str:
+        return self._dirname
+
+    @property
     def size(self) -> int:
         return self._size
 
@@ -174,14 +217,14 @@ class OutputLog:
         return self._waiter is not None
 
     @classmethod
-    def recover(cls, directory: Path) -> OutputLog:
+    def recover(cls, directory: Path | str) -> OutputLog:
         """A closed log read back from disk after a restart or crash (a torn last index record is ignored)."""
         log = cls(directory, create=False)
         log._read_back()
         return log
 
     @classmethod
-    def ended(cls, directory: Path, size: int, start: int, lost: int) -> OutputLog:
+    def ended(cls, directory: Path | str, size: int, start: int, lost: int) -> OutputLog:
         """An ended job's log as its final record describes it; the disk is read only when a reader comes.
 
         A restart with 50,000 kept jobs read every index and globbed every segment directory for logs that are

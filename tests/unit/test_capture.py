@@ -106,26 +106,21 @@ async def test_the_loop_runs_on_while_a_write_is_blocked(tmp_path: Path) -> None
 
 
 async def test_a_busy_loop_is_asked_once_for_many_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = OutputLog(tmp_path / "out")
-    notified = 0
-    real_notify = log.notify
+    notified = splices = 0
 
-    def counting_notify() -> None:
-        nonlocal notified
-        notified += 1
-        real_notify()
+    class CountingLog(OutputLog):
+        def notify(self) -> None:
+            nonlocal notified
+            notified += 1
+            super().notify()
 
-    monkeypatch.setattr(log, "notify", counting_notify)
+        def splice_from(self, fd_tag: int, pipe_fd: int, limit: int) -> int:
+            nonlocal splices
+            splices += 1
+            return super().splice_from(fd_tag, pipe_fd, 4096)  # small splices: many of them
+
+    log = CountingLog(tmp_path / "out")
     (out_r, out_w), (err_r, err_w) = pipes()
-    splices = 0
-    real_splice = log.splice_from
-
-    def counting_splice(fd_tag: int, pipe_fd: int, limit: int) -> int:
-        nonlocal splices
-        splices += 1
-        return real_splice(fd_tag, pipe_fd, 4096)  # small splices: many of them
-
-    monkeypatch.setattr(log, "splice_from", counting_splice)
     payload = os.urandom(60_000)  # fits the pipe: written before the capture starts
     os.write(out_w, payload)
     os.close(out_w)

@@ -16,6 +16,7 @@ from jobsvc.model import JobRecord
 from jobsvc.records import RecordWriter
 from jobsvc.states import JobStatus
 from jobsvc.store import JOURNAL, JobStore, journal_line, read_journal
+from jobsvc.store import record_to_json as store_json
 
 T0 = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
 
@@ -228,3 +229,42 @@ async def test_the_journal_is_compacted_to_one_entry_per_kept_job(
     records, _ = reload(store)
     assert set(records) == {record(n).id for n in (*range(5, 10), 99)}
     assert all(records[record(n).id].status is JobStatus.FINISHED for n in range(5, 10))
+
+
+async def test_a_restart_writes_the_journal_again_only_when_it_is_not_one_entry_per_job_already(
+    store: GatedStore,
+) -> None:
+    writer = opened(store)
+    for n in range(3):
+        await writer.save(record(n, JobStatus.FINISHED))
+    writer.close()
+    store.close()
+    journal = store.root / JOURNAL
+
+    def restart() -> int:
+        again = JobStore(store.root, durable=False)
+        try:
+            records, _ = again.load_all()
+            again.rewrite(records)
+        finally:
+            again.close()
+        return journal.stat().st_ino
+
+    first = restart()  # three entries for three jobs: as compact as rewrite() would make it
+    assert restart() == first
+    with journal.open("ab") as f:
+        f.write(journal_line(store_json(record(1, JobStatus.FINISHED))))  # job 1 twice: not compact
+    rewritten = restart()
+    assert rewritten != first and journal.read_bytes().count(b"\n") == 3
+    assert restart() == rewritten
+
+
+def test_an_undecodable_journal_entry_is_one_unreadable_record_not_a_failed_restart(store: GatedStore) -> None:
+    good, bad = store_json(record(1, JobStatus.FINISHED)), store_json(record(2, JobStatus.FINISHED))
+    bad["status"] = "no such status"
+    store.commit([journal_line(good), journal_line(bad)])
+    for job_id in (good["id"], bad["id"]):
+        store.job_dir(job_id).mkdir(parents=True)
+    records, skipped = reload(store)
+    assert list(records) == [good["id"]]
+    assert [(name, why.split(":")[0]) for name, why in skipped] == [(bad["id"], "unreadable record")]
