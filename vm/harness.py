@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 GUEST_JUNIT = "/tmp/jobsvc-system-junit.xml"
 GUEST_VENV = "/opt/jobsvc/venv"
+# The Vagrantfile's domain name (default_prefix + machine), then the name vagrant-libvirt gave it before that prefix.
+STALE_DOMAIN_NAMES = ("jobsvc-default", "vm_default")
 
 
 def _out_dir() -> Path:
@@ -169,6 +171,22 @@ class Harness:
         except subprocess.CalledProcessError as e:
             raise StepError(step, f"`vagrant {' '.join(args)}` exited {e.returncode} (output above)", fix) from None
 
+    def _remove_stale_domains(self) -> None:
+        """A domain this checkout's vagrant does not know (a run of another clone killed before its teardown, or a
+        name from before the fixed prefix) would make `vagrant up` fail with "name already taken": remove it."""
+        assert self.libvirt is not None
+        names = [STALE_DOMAIN_NAMES[0]]
+        if self.libvirt.state.mode == "managed":  # the harness's own libvirtd: every domain in it is the harness's
+            names += STALE_DOMAIN_NAMES[1:]
+        for name in names:
+            if self.host_mod.virsh("domstate", name, check=False).returncode != 0:
+                continue
+            say(f"removing domain {name}, left defined by an earlier run this checkout does not know")
+            self.host_mod.virsh("destroy", name, check=False)
+            self.host_mod.virsh("undefine", name, "--remove-all-storage", "--nvram", check=False)
+            if self.host_mod.virsh("domstate", name, check=False).returncode == 0:
+                self.host_mod.virsh("undefine", name, "--remove-all-storage", check=False)
+
     def vm_up(self) -> None:
         assert self.vagrant is not None
         state = self.vagrant.status()[0].state
@@ -194,6 +212,7 @@ class Harness:
                     "provision", step="vagrant provision", fix="the provisioning output above names the problem"
                 )
         else:
+            self._remove_stale_domains()
             with self.timings.step(f"vagrant up (cgroup {self.cgroup} boot, rsync, provision)"):
                 self._vagrant_cmd("up", "--provider=libvirt", step="vagrant up", fix=fix)
         self.ssh_config.parent.mkdir(parents=True, exist_ok=True)
