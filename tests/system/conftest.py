@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from jobsvc.cgroups import v1, v2
+from tests.system.server import bound
 
 CGROUP_VERSION = "v1" if v1.find_hierarchies() else "v2" if v2.find_unified() else None
 
@@ -153,7 +154,7 @@ def end_process(pid: int, timeout: float = 30) -> None:
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
                 return
-            if select.select([pidfd], [], [], timeout)[0]:
+            if select.select([pidfd], [], [], bound(timeout))[0]:
                 return
     finally:
         os.close(pidfd)
@@ -182,7 +183,7 @@ def agent_socket(runtime_dir: Path) -> Path:
 def wait_for_agent(runtime_dir: Path, timeout: float = 60) -> None:
     """Until the agent of runtime_dir takes connections."""
     path = agent_socket(runtime_dir)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + bound(timeout)
     while True:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             try:

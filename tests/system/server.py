@@ -22,6 +22,15 @@ from jobsvc._pb import jobs_pb2_grpc
 
 BIN = Path(sys.executable).parent
 
+# How much slower this host may be than an ordinary one: the emulated VM guest sets more (vm/harness.py). It scales
+# the upper bounds of waits (a test never waits for a bound when the progress it needs comes sooner).
+TIME_SCALE = max(1.0, float(os.environ.get("JOBSVC_TEST_TIME_SCALE") or 1))
+
+
+def bound(seconds: float) -> float:
+    """The upper bound of a wait on this host: seconds on an ordinary host, more on a slow one."""
+    return seconds * TIME_SCALE
+
 
 @dataclass
 class Pki:
@@ -92,7 +101,7 @@ class Server:
         )
         channel = grpc.secure_channel(self.target, creds)
         if ready:
-            grpc.channel_ready_future(channel).result(timeout=30)
+            grpc.channel_ready_future(channel).result(timeout=bound(30))
         return channel
 
     def stub(self, user: str = "alice") -> jobs_pb2_grpc.JobServiceStub:
@@ -118,7 +127,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(timeout)
+            code = self.proc.wait(bound(timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
@@ -172,7 +181,7 @@ def start_server(
         raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
     port = int(line.rsplit(":", 1)[1])
     server = Server(proc, port, keys, state, log_path, work_root)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + bound(10)
     while time.monotonic() < deadline:  # ready when a handshake with a real client succeeds
         try:
             grpc.channel_ready_future(server.channel(ready=False)).result(timeout=1)

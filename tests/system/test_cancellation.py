@@ -16,7 +16,7 @@ from grpc import aio
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc
 from tests.system.conftest import processes_in_cgroup_named
-from tests.system.server import Pki, Server, start_server
+from tests.system.server import Pki, Server, bound, start_server
 
 SLEEP = pb.StartRequest(argv=[b"sleep", b"1000"])
 STARTS = 80
@@ -82,7 +82,7 @@ def test_a_cancelled_start_leaves_a_tracked_job_or_nothing(tmp_path: Path, keys:
         # whose calls complete: once List shows exactly the quota's jobs running, no Start is in flight any more,
         # and a slot held by nothing List shows (a leak) would keep that from ever coming true.
         stub = srv.stub()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + bound(60)
         while True:
             try:
                 stub.Start(SLEEP, timeout=60)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.system.conftest import processes_in_cgroup_named, start_agent
-from tests.system.server import BIN, Server
+from tests.system.server import BIN, Server, bound
 
 JOBCTL = str(BIN / "jobctl")
 
@@ -34,7 +34,7 @@ def way(request: pytest.FixtureRequest, jobctl_runtime_dir: Path, monkeypatch: p
 
 
 def jobctl(server: Server, *args: str, user: str = "alice", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([JOBCTL, *args], env=server.env(user), capture_output=True, timeout=timeout)
+    return subprocess.run([JOBCTL, *args], env=server.env(user), capture_output=True, timeout=bound(timeout))
 
 
 def ok(server: Server, *args: str) -> str:

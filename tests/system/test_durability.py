@@ -22,7 +22,7 @@ import pytest
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc.cgroups.base import locate
 from tests.system.conftest import processes_in_cgroup_named
-from tests.system.server import BIN, Pki, Server, serve_command, start_server
+from tests.system.server import BIN, Pki, Server, bound, serve_command, start_server
 
 PY = "/usr/bin/python3"
 
@@ -96,7 +96,7 @@ def test_a_job_that_writes_while_the_server_is_down_ends_with_sigpipe(
     for job in (writer, quiet):
         next(iter(stub.Stream(pb.StreamRequest(id=job.id))))
     kill9(first)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + bound(30)
     while processes_in_cgroup_named(writer.id) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_in_cgroup_named(writer.id) == [], "the writer outlived the reader of its pipe"
@@ -296,7 +296,7 @@ def test_output_lost_on_a_full_disk_is_a_gap_jobctl_reports_where_it_is(
     # 30 MiB of zeros (most of it lost), then, once the test has freed the disk, a last line that is stored
     script = b"head -c 30M /dev/zero; while [ ! -e go ]; do sleep 0.05; done; echo after-the-gap"
     job = stub.Start(pb.StartRequest(argv=[b"sh", b"-c", script]))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + bound(60)
     while stub.Get(pb.GetRequest(id=job.id)).output_bytes < 30 << 20 and time.monotonic() < deadline:
         time.sleep(0.05)
     filler.unlink()
@@ -527,7 +527,7 @@ def test_retention_removes_the_oldest_ended_jobs_with_their_files(
     def listed(stub: object) -> list[str]:
         return [j.id for j in stub.List(pb.ListRequest()).jobs]  # type: ignore[attr-defined]
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + bound(30)
     while (listed(stub) != mine[3:] or listed(bob) != big[1:]) and time.monotonic() < deadline:
         time.sleep(0.1)  # the janitor runs every 2 s
     assert listed(stub) == mine[3:]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from jobsvc._pb import jobs_pb2 as pb
 from tests.system.conftest import processes_in_cgroup_named
-from tests.system.server import Pki, Server, start_server
+from tests.system.server import Pki, Server, bound, start_server
 
 BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 SAFE_PROGRAMS = [b"true", b"false", b"echo", b"/no/such/program", b"", b"sleep"]
@@ -112,7 +112,7 @@ def test_random_requests_get_proper_statuses_and_leak_nothing(target: Server) ->
     one()
     # every job the fuzzer started has ended: nothing of them may remain
     jobs = target.stub().List(pb.ListRequest()).jobs
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + bound(30)
     while any(j.status == pb.JOB_STATUS_RUNNING for j in jobs) and time.monotonic() < deadline:
         time.sleep(0.1)
         jobs = target.stub().List(pb.ListRequest()).jobs

@@ -19,7 +19,7 @@ from grpc import aio
 
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc
-from tests.system.server import Pki, Server, start_server
+from tests.system.server import Pki, Server, bound, start_server
 
 SLEEP = pb.StartRequest(argv=[b"sleep", b"1000"])
 Outcome = str | grpc.StatusCode  # a started job's id, or the call's status
@@ -76,7 +76,7 @@ def audited(server: Server, method: str) -> int:
 
 
 async def until_audited(server: Server, method: str, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + bound(timeout)
     while audited(server, method) < n:
         assert time.monotonic() < deadline, f"the server finished {audited(server, method)} of {n} {method} calls"
         await asyncio.sleep(0.05)
@@ -109,7 +109,7 @@ async def test_running_quotas_hold_exactly_under_concurrent_starts(quota_server:
         await stop_all(alice)
 
         # the counts come back to zero: the full quota is there again, and never more than it
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + bound(60)
         while True:
             outcomes = await start_many(alice, 40)
             await stop_all(alice)
@@ -209,7 +209,7 @@ def test_a_vanished_clients_streams_are_released_by_keepalive(tmp_path: Path, ke
 
         assert new_stream() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the quota is held by the live client
         holder.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + bound(60)
         while (code := new_stream()) != grpc.StatusCode.OK:
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, code
             assert time.monotonic() < deadline, "a stopped client still holds its streams"

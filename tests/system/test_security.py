@@ -19,7 +19,7 @@ import pytest
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc
 from tests.system.conftest import processes_in_cgroup_named
-from tests.system.server import Pki, Server, start_server
+from tests.system.server import Pki, Server, bound, start_server
 
 PY = "/usr/bin/python3"
 MARKER = "JOBSVC_SERVER_SECRET_MARKER"
@@ -295,7 +295,7 @@ def test_every_call_is_in_the_audit_log(hardened: Server) -> None:
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + bound(timeout)
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jobsvc import pki
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc._pb import jobs_pb2_grpc
-from tests.system.server import Pki, Server, start_server
+from tests.system.server import Pki, Server, bound, start_server
 
 HEALTH = "/grpc.health.v1.Health/"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -217,7 +217,7 @@ async def _hold_waits(
         await asyncio.wait_for(c.channel_ready(), 30)
     calls = [asyncio.ensure_future(stubs[i % channels].Wait(pb.GetRequest(id=job_id), timeout=120)) for i in range(n)]
     refused = 0
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + bound(60)
     while True:  # the refusals come back at once; the held Waits only when the job ends
         done = [c for c in calls if c.done()]
         for c in done:
