@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -95,10 +96,6 @@ class Capture:
         if self._wake >= 0:
             os.eventfd_write(self._wake, 1)
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the thread itself (tests; the loop awaits done instead)."""
-        self._thread.join(timeout)
-
     # -- the thread -------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -135,10 +132,17 @@ class Capture:
             self._ask()  # the pipes are empty for now (or had their turn): show what arrived
 
     def _still_refused(self) -> bool:
-        """Within DISK_RETRY of the disk's last refusal and its filesystem still has no room for a pipe's worth:
-        output is dropped without trying (output written once room returns is stored at once)."""
-        if time.monotonic() >= self._retry_at:
+        """Within DISK_RETRY of the disk's last refusal and still no room for a pipe's worth: output is dropped
+        without trying (output written once room returns is stored at once).
+
+        A full filesystem shows in statvfs; a quota (EDQUOT: the user's or the directory's project) does not, so
+        there the room is asked for where the next bytes go (blocks allocated count against the quota)."""
+        refused = self._refused
+        if refused is None or time.monotonic() >= self._retry_at:
             return False
+        if refused.errno == errno.EDQUOT:
+            room = self._output.room_for(PIPE_SIZE)
+            return room is None or not room  # cannot be told: hold off until DISK_RETRY, never retry each write
         return not disk.has_room(self._output.directory, PIPE_SIZE)
 
     def _drain(self, fd: int) -> bool:
@@ -148,7 +152,7 @@ class Capture:
             try:
                 if budget.over and self._full():  # this user's share is full: never anyone else's room
                     n = self._discard(fd, None)
-                elif self._refused is not None and self._still_refused():
+                elif self._still_refused():
                     n = self._discard(fd, self._refused)
                 else:
                     n = output.splice_from(tag, fd, PIPE_SIZE)
