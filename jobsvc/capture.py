@@ -186,7 +186,9 @@ class Capture:
             moved += n
             if output.wanted or time.monotonic() - self._asked_at >= PUBLISH_INTERVAL:
                 self._ask()
-            if n < PACE_BELOW and not chase:  # the pipe is about empty: the job writes in small pieces
+            # the pipe is about empty (the job writes in small pieces); over the share, though, the next turn
+            # has the loop reclaim at once
+            if n < PACE_BELOW and not chase and not budget.over:
                 return moved, False
         return moved, False
 

@@ -53,18 +53,13 @@ def _write_new(path: Path, data: bytes, durable: bool) -> int:
     return fd
 
 
-def _install(tmp: Path, path: Path, durable: bool) -> None:
-    """Rename a written file over path; durable: the rename too (its directory synced)."""
+def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """path holds data, or what it held before (a crash never leaves a torn file); durable: the rename too."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    os.close(_write_new(tmp, data, durable))
     os.rename(tmp, path)
     if durable:
         _fsync_dir(path.parent)
-
-
-def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """path holds data, or what it held before (a crash never leaves a torn file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    os.close(_write_new(tmp, data, durable))
-    _install(tmp, path, durable)
 
 
 def _fsync_dir(path: str | Path) -> None:
@@ -371,9 +366,11 @@ class JobStore:
                     if self.durable:
                         os.fdatasync(fd)
                 os.close(fd)
-                fd = -1
-                _install(tmp, self.root / JOURNAL, self.durable)
-                self._reopen_journal()
+                # the new journal's descriptor before the rename: once it is in place, no commit may go to the old
+                fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+                os.rename(tmp, self.root / JOURNAL)
+                old, self._journal, fd = self._journal, fd, -1
+                os.close(old)
                 for job_id in self._appended:  # what the commits since changed, at its new place
                     if job_id in self._where:
                         offset, length = self._where[job_id]
@@ -383,6 +380,8 @@ class JobStore:
                         index.pop(job_id, None)
                         kept.add(job_id)
                 self._where, self._tombstones, self._appended = index, kept, None
+                if self.durable:  # before the next commit is acknowledged
+                    _fsync_dir(self.root)
                 return base + len(tail)
         except BaseException:
             with lock:

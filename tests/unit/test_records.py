@@ -287,9 +287,11 @@ async def test_commits_go_on_while_the_journal_is_compacted_and_what_they_append
     monkeypatch.setattr("jobsvc.records.COMPACT_AT", 4096)
     store = HeldCompaction(tmp_path / "state")
     writer = opened(store)
-    n = 0
-    while not copying.is_set():  # enough superseded entries for a compaction to start
+    for n in range(8):  # jobs 0-3 running, then finished
         await writer.save(record(n % 4, JobStatus.FINISHED if n >= 4 else JobStatus.RUNNING))
+    n = 8
+    while not copying.is_set():  # enough superseded entries for a compaction to start
+        await writer.save(record(1, JobStatus.FINISHED))
         n += 1
     for m in range(10, 14):  # answered while the copy is held: the commits do not wait for it
         await writer.save(record(m))
