@@ -228,6 +228,7 @@ async def test_a_full_state_disk_at_the_record_is_resource_exhausted_and_undone(
     engine.manager.collect_garbage()
     assert not engine.store.job_dir("0000aaaa-full").exists()
     assert engine.manager.list(ALICE) == []
+    await engine.manager.settled()  # its files are removed in the record writer's threads
     assert "0000aaaa-full" in engine.work.removed and engine.users.held == set()
     assert open_fds() == fds
 
