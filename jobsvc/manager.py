@@ -175,7 +175,9 @@ class JobManager:
                 self._records.remove(name)
             else:
                 log.warning("state dir: skipping %s: %s", name, why)
-        restored = [self._restore(r) if r.status.ended else await self._take_over(r) for r in records]
+        taken_over: list[JobRecord] = []
+        restored = [self._restore(r) if r.status.ended else await self._take_over(r, taken_over) for r in records]
+        await self._records.persist_all(taken_over)  # in shared commits, not one fdatasync each
         self._jobs.extend(restored)
         for job in restored:
             self._budget(job.owner).used += job.output_bytes
@@ -199,8 +201,9 @@ class JobManager:
         )
         return Job.restore(record, ENDED, output)
 
-    async def _take_over(self, record: JobRecord) -> Job:
-        """A job the last server left running: killed, its groups removed, recorded as stopped."""
+    async def _take_over(self, record: JobRecord, taken_over: list[JobRecord]) -> Job:
+        """A job the last server left running: killed, its groups removed, its record as stopped added to
+        taken_over (for the caller to save)."""
         group = self._driver.open(record.id)
         await _discard_group(group)
         self._work.retire(record.id)  # as at a job's end: its uid will run other jobs
@@ -214,7 +217,7 @@ class JobManager:
             output_bytes=output.size,
             output_dropped_bytes=output.start,
         )
-        self._records.save_now(record)
+        taken_over.append(record)
         return Job.restore(record, group, output)
 
     def _budget(self, owner: str) -> Budget:
@@ -613,9 +616,9 @@ class JobManager:
         running = [j for j in self._jobs if not j.ended]
         await asyncio.gather(*(j.stop(g, reason) for j in running), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._records.close()
-        # The last chance to write what a full disk refused: the janitor retried it, this is its final round.
-        self._records.retry(self._latest, wait=True)
+        # The last chance to write what a full disk refused (the janitor retried it, this is its final round),
+        # then the writer's threads end: the loop waits for their fsyncs and joins without doing them.
+        await self._records.finish(self._latest)
         unsaved = self._records.unsaved
         for record in unsaved.values():
             log.error(

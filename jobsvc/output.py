@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import struct
 import threading
@@ -138,6 +139,7 @@ class OutputLog:
         "_w_last",
         "_w_lost",
         "_w_lost_placed",
+        "_w_reserved",
         "_w_runs",
         "_w_size",
         "_waiter",
@@ -177,6 +179,7 @@ class OutputLog:
         self._w_last = (0, 0, 0)  # (start, fd, read_at_ms) of the writer's newest run
         self._w_lost = 0
         self._w_lost_placed = 0
+        self._w_reserved = False  # room_for() allocated blocks past the segment's end (given back by end_writes)
         self._fresh = False  # the writer's figures changed since notify() last copied them
         self._wseg = -1
         self._wfd = -1
@@ -361,9 +364,26 @@ class OutputLog:
         self._grow(n, lost=n)
         return True
 
+    def room_for(self, n: int) -> bool | None:
+        """Whether the next n bytes (to the segment's end) can be stored: the blocks are allocated where they go, so
+        a quota (EDQUOT, which statvfs does not see) answers as a full disk does; None when it cannot be told.
+
+        Blocks allocated are the next writes' own (they cannot be refused then); what is left past the end when
+        the writer is done is given back by end_writes()."""
+        wfd, pos, room = self._write_target()
+        try:
+            disk.reserve(wfd, pos, min(n, room))
+        except OSError as e:
+            return False if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
+        self._w_reserved = True
+        return True
+
     def end_writes(self) -> None:
         """The writer is done: its segment file is closed (the writer's thread calls this last)."""
         if self._wfd >= 0:
+            if self._w_reserved:  # room_for()'s blocks past the end are not needed any more
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._wfd, os.fstat(self._wfd).st_size)
             os.close(self._wfd)
             self._wfd = -1
 

@@ -10,7 +10,10 @@ this host's ext4 (batches of 1/8/32 records, ms): one atomic file each 0.8/22/79
 Order is the queue's: a removal queued after a save wins (its tombstone follows the record in the journal), and
 a save of a job already removed is dropped, so a late write cannot bring a job back at restart. A job's files
 (its state directory with the output, its working directory) are deleted only once its tombstone is durable, by
-a second thread, so that a removal of 100k files delays neither the loop nor the next commit.
+a second thread, so that a removal of 100k files delays neither the loop nor the next commit. That thread takes
+every removal queued to it at once and makes them durable with one fsync of the jobs dir; until then their
+tombstones stay in the journal (compaction keeps them), so a crash cannot bring a removed job back from its
+record.json. The journal is compacted in that thread too, beside the commits (jobsvc/store.py).
 
 A record the disk refused (full) is kept, and retried when the janitor asks; Get shows the job's state meanwhile,
 and the shutdown reports what was never written.
@@ -30,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from jobsvc.model import JobRecord
-from jobsvc.store import JobStore, journal_line, record_to_json
+from jobsvc.store import Entry, JobStore, record_entry, removal_entry
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,14 @@ class RecordWriter:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._commit_lock = threading.Lock()  # one batch at a time, from the thread or a closing caller
         self._removed: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._live: set[str] = set()  # jobs the journal holds a record of
         self._deleting: set[str] = set()  # tombstones whose files are not gone (durably) yet
+        self._to_delete: list[str] = []  # of those, the ones the deleter has not taken yet
         self._deleting_lock = threading.Lock()
         self._deferred: list[_Op] = []  # removals whose tombstone a full disk refused
         self._compact_at = COMPACT_AT
+        self._compacting = False  # a compaction is queued or running in the deleter's thread
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._deleter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobsvc-remove")
         self.unsaved: dict[str, JobRecord] = {}  # the loop's: records the disk refused, by job id
         self.unsaved_why: dict[str, str] = {}
@@ -70,9 +75,7 @@ class RecordWriter:
     def open(self, records: Iterable[JobRecord], removed: Iterable[str] = ()) -> None:
         """Start from what a restart loaded: the journal is rewritten to exactly these records (and the tombstones
         of removed jobs whose files are still there), then the thread starts."""
-        kept = list(records)
-        self._live = {r.id for r in kept}
-        size = self._store.rewrite(kept, removed)
+        size = self._store.rewrite(records, removed)
         self._compact_at = max(COMPACT_AT, 2 * size)
         self._thread = threading.Thread(target=self._run, name="jobsvc-records", daemon=True)
         self._thread.start()
@@ -90,31 +93,37 @@ class RecordWriter:
         else:
             self._saved(record.id)
 
-    def save_now(self, record: JobRecord) -> None:
-        """save() for a caller that may block (a restart's reconcile before serving, the shutdown's last round);
-        a refused record is kept as persist() keeps it."""
-        try:
-            self._submit(record).result()
-        except OSError as e:
-            self._keep(record, e)
-        else:
-            self._saved(record.id)
+    async def persist_all(self, records: Iterable[JobRecord]) -> None:
+        """persist() for many records at once: all queued before the first is waited for, so that they share
+        commits (a restart's take-over of the jobs the last server left running)."""
+        queued = [(record, self._submit(record)) for record in records]
+        for record, written in queued:
+            try:
+                await asyncio.wrap_future(written)
+            except OSError as e:
+                self._keep(record, e)
+            else:
+                self._saved(record.id)
 
-    def retry(self, latest: Callable[[JobRecord], JobRecord], *, wait: bool = False) -> None:
-        """Queue every kept record again, as latest(record) has it now (the janitor's round; wait: the shutdown's).
+    def retry(self, latest: Callable[[JobRecord], JobRecord]) -> None:
+        """Queue every kept record again, as latest(record) has it now (the janitor's round).
 
         The writes happen in the thread; their outcome is booked on the loop when each lands."""
-        loop = None if wait or not self.unsaved else asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         if self._deferred:
             self._put(_Op(None, ""))
         for record in list(self.unsaved.values()):
             current = latest(record)
-            if wait:
-                self.save_now(current)
-                continue
-            assert loop is not None
             written = self._submit(current)
             written.add_done_callback(functools.partial(self._book_soon, loop, current))
+
+    async def finish(self, latest: Callable[[JobRecord], JobRecord]) -> None:
+        """The shutdown's end: a last try at every kept record (as latest(record) has it), then close(); the
+        loop waits for the threads, their fsyncs and the joins without doing them."""
+        if self._deferred:
+            self._put(_Op(None, ""))
+        await self.persist_all([latest(record) for record in self.unsaved.values()])
+        await asyncio.to_thread(self.close)
 
     def remove(self, job_id: str) -> None:
         """Forget a job: its record (a tombstone after any save queued before), then its files, in the threads."""
@@ -139,14 +148,16 @@ class RecordWriter:
             await asyncio.wrap_future(self._deleter.submit(lambda: None))
 
     def close(self) -> None:
-        """Write what is queued, stop both threads (their work done); later saves are written by the caller."""
+        """Write what is queued, stop both threads (their work done); later saves are written by the caller.
+        Once is enough: closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             thread.join()
         self._deleter.shutdown(wait=True)
-        with self._commit_lock, contextlib.suppress(OSError):
-            self._store.sync_jobs_dir()
 
     # -- bookkeeping (on the loop) ----------------------------------------------------------------------------------
 
@@ -234,8 +245,8 @@ class RecordWriter:
             self._add(batch, op)
         self._deferred = []
         try:
-            if batch.lines:
-                self._store.commit(batch.lines)
+            if batch.entries:
+                self._store.commit(batch.entries)
                 self.batches += 1
         except OSError as e:
             for tmp in batch.staged.values():
@@ -244,19 +255,21 @@ class RecordWriter:
             self._deferred = [_Op(None, job_id) for job_id in batch.removed]
             batch.answer(e)
             return
-        self._live.update(batch.staged)
         for tmp in batch.staged.values():
             with contextlib.suppress(OSError):  # the journal has it: only the mirror lags
                 self._store.publish(tmp)
         batch.answer(None)
-        for job_id in batch.removed:
-            self._deleting.add(job_id)
+        if batch.removed:
+            with self._deleting_lock:
+                self._deleting.update(batch.removed)
+                self._to_delete += batch.removed
             if self._thread is not None:
-                self._deleter.submit(self._delete_files, job_id)
+                self._deleter.submit(self._delete_queued)
             else:  # closed: the caller deletes
-                self._delete_files(job_id)
-        if self._store.journal_size() > self._compact_at:
-            self._compact()
+                self._delete_queued()
+        if self._thread is not None and not self._compacting and self._store.journal_size() > self._compact_at:
+            self._compacting = True
+            self._deleter.submit(self._compact)
 
     def _add(self, batch: _Batch, op: _Op) -> None:
         if not op.job_id:  # a nudge: only the deferred removals
@@ -267,7 +280,7 @@ class RecordWriter:
                 self._store.unstage(tmp)
             batch.removed.append(op.job_id)
             self._forget(op.job_id)
-            batch.lines.append(journal_line({"removed": op.job_id}))
+            batch.entries.append(removal_entry(op.job_id))
         elif op.job_id in self._removed:
             batch.dropped.append(op)  # a late save of a removed job: it must not bring the job back
         else:
@@ -276,40 +289,54 @@ class RecordWriter:
             except OSError as e:
                 batch.refused.append((op, e))
                 return
-            batch.lines.append(journal_line(record_to_json(op.record)))
+            batch.entries.append(record_entry(op.record))
             batch.waiting.append(op)
 
     def _forget(self, job_id: str) -> None:
-        self._live.discard(job_id)
         self._removed[job_id] = None
         while len(self._removed) > REMEMBER_REMOVED:
             self._removed.popitem(last=False)
 
-    def _delete_files(self, job_id: str) -> None:
-        try:
-            self._delete(job_id)
-        except Exception:
-            log.exception("job %s: removing its files failed", job_id)
+    def _delete_queued(self) -> None:
+        """Delete the files of every removal queued so far (the deleter's thread), then make it durable with one
+        fsync of the jobs dir. A call that finds nothing left had its removals taken by an earlier one."""
+        with self._deleting_lock:
+            job_ids, self._to_delete = self._to_delete, []
+        if not job_ids:
+            return
+        for job_id in job_ids:
+            try:
+                self._delete(job_id)
+            except Exception:
+                log.exception("job %s: removing its files failed", job_id)
         with contextlib.suppress(OSError):
             self._store.sync_jobs_dir()
-        with self._deleting_lock:  # from now on compaction may drop its tombstone
-            self._deleting.discard(job_id)
+        with self._deleting_lock:  # from now on compaction may drop their tombstones
+            self._deleting.difference_update(job_ids)
+
+    def _still_deleting(self) -> set[str]:
+        with self._deleting_lock:
+            return set(self._deleting)
 
     def _compact(self) -> None:
-        with self._deleting_lock:
-            deleting = set(self._deleting)
+        """In the deleter's thread, beside the commits (which it holds only to copy their last entries)."""
         try:
-            size = self._store.compact(self._live, deleting)
+            size = self._store.compact(self._still_deleting, self._commit_lock)
         except OSError as e:
             log.warning("cannot compact the record journal (%s); it grows until the next try", e.strerror)
             self._compact_at = 2 * self._compact_at
-            return
-        self._compact_at = max(COMPACT_AT, 2 * size)
+        except Exception:
+            log.exception("compacting the record journal failed")
+            self._compact_at = 2 * self._compact_at
+        else:
+            self._compact_at = max(COMPACT_AT, 2 * size)
+        finally:
+            self._compacting = False
 
 
 @dataclass
 class _Batch:
-    lines: list[bytes] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
     staged: dict[str, str] = field(default_factory=dict)  # job id -> the temp file of its last record
     waiting: list[_Op] = field(default_factory=list)  # saves in the journal append
     refused: list[tuple[_Op, OSError]] = field(default_factory=list)  # their mirror could not be written

@@ -3,7 +3,9 @@
 A batch of records is made durable by one append to <state dir>/journal and one fdatasync (group commit: see
 jobsvc/records.py). Each job's <id>/record.json is then renamed into place, unsynced: it is what a restart reads for
 a job the journal does not name (a state dir of format 1, or a record written by hand), and what a person reads.
-The journal is rewritten (compacted) to one line per kept job, so it stays the size of what is kept.
+The journal is rewritten (compacted) to one line per kept job, so it stays the size of what is kept: the store
+knows where each job's last entry is, so compaction copies those lines as they are (nothing parsed), while commits
+go on; only what they appended meanwhile is copied under the commit lock, before the rename.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from jobsvc import codec
 from jobsvc.lock import DirLock, LockHeldError
@@ -31,22 +34,32 @@ class StateDirError(RuntimeError):
     """The state dir cannot be used (unreadable, or written by a newer jobsvc); nothing in it was changed."""
 
 
-def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_new(path: Path, data: bytes, durable: bool) -> int:
+    """A new file at path holding data (on disk when durable); its descriptor, for writing more."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        _write_all(fd, data)
         if durable:
-            os.fsync(fd)
-    finally:
+            os.fdatasync(fd)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """path holds data, or what it held before (a crash never leaves a torn file); durable: the rename too."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    os.close(_write_new(tmp, data, durable))
     os.rename(tmp, path)
     if durable:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: str | Path) -> None:
@@ -63,6 +76,22 @@ def journal_line(entry: dict[str, Any]) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
+class Entry(NamedTuple):
+    """One journal line and the job it names (removed: a tombstone)."""
+
+    job_id: str
+    line: bytes
+    removed: bool = False
+
+
+def record_entry(record: JobRecord) -> Entry:
+    return Entry(record.id, journal_line(record_to_json(record)))
+
+
+def removal_entry(job_id: str) -> Entry:
+    return Entry(job_id, journal_line({"removed": job_id}), True)
+
+
 def read_journal(data: bytes) -> tuple[dict[str, dict[str, Any] | None], int]:
     """The last entry of each job id (None: removed), and how many bytes of data are whole entries.
 
@@ -73,9 +102,12 @@ def read_journal(data: bytes) -> tuple[dict[str, dict[str, Any] | None], int]:
     return last, good
 
 
-def scan_journal(data: bytes, decode: Callable[[dict[str, Any]], T]) -> tuple[dict[str, T | None], int, int]:
+def scan_journal(
+    data: bytes, decode: Callable[[dict[str, Any]], T], where: dict[str, tuple[int, int]] | None = None
+) -> tuple[dict[str, T | None], int, int]:
     """read_journal, each record entry given to decode as it is read (its result kept, or the exception it
-    raised); also how many entries there were (superseded ones included).
+    raised); also how many entries there were (superseded ones included). where, if given, gets the (offset,
+    length) of each job's last entry that is a record, for a job whose last entry is one.
 
     A restart decodes entry by entry: 50,000 entries parsed first and decoded after left a heap of freed dicts
     between the records (+100 MB of RSS that stayed)."""
@@ -95,6 +127,8 @@ def scan_journal(data: bytes, decode: Callable[[dict[str, Any]], T]) -> tuple[di
         entries += 1
         if "removed" in entry:
             last[entry["removed"]] = None
+            if where is not None:
+                where.pop(entry["removed"], None)
         else:
             job_id = entry.get("id")
             if not isinstance(job_id, str):
@@ -103,6 +137,8 @@ def scan_journal(data: bytes, decode: Callable[[dict[str, Any]], T]) -> tuple[di
                 last[job_id] = decode(entry)
             except (ValueError, KeyError, TypeError) as e:
                 last[job_id] = e  # type: ignore[assignment]  # load_all reports it as unreadable
+            if where is not None:
+                where[job_id] = (good, end + 1 - good)
         good = end + 1
     return last, good, entries
 
@@ -143,6 +179,13 @@ class JobStore:
         self.jobs_dir = state_dir / "jobs"
         self._journal = -1
         self._compact_as_loaded = False  # load_all() read a journal that rewrite() would write the same
+        # Where each job's last entry is in the journal, for compaction (the commit lock's, see compact()): known
+        # once rewrite() has written the journal (or found it as it would write it), kept up by commit().
+        self._indexed = False
+        self._where: dict[str, tuple[int, int]] = {}  # job id -> (offset, length) of its last entry, a record
+        self._tombstones: set[str] = set()  # jobs whose last entry is a removal
+        self._loaded: tuple[dict[str, tuple[int, int]], set[str]] = ({}, set())  # load_all's, for rewrite()
+        self._appended: list[str] | None = None  # jobs named by commits while a compaction copies
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = DirLock.acquire(state_dir / "lock")
@@ -215,7 +258,7 @@ class JobStore:
         """Write one record durably (a batch of one; the engine batches them through records.RecordWriter)."""
         tmp = self.stage(record)
         try:
-            self.commit([journal_line(record_to_json(record))])
+            self.commit([record_entry(record)])
         except BaseException:
             self.unstage(tmp)
             raise
@@ -249,21 +292,33 @@ class JobStore:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
 
-    def commit(self, lines: Iterable[bytes]) -> None:
+    def commit(self, entries: Sequence[Entry]) -> None:
         """Append entries to the journal and make them durable (one fdatasync); on failure the journal is cut back
         to where it was, so that no later batch follows a torn entry."""
-        data = b"".join(lines)
+        data = b"".join(e.line for e in entries)
         end = os.lseek(self._journal, 0, os.SEEK_END)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._journal, view) :]
+            _write_all(self._journal, data)
             if self.durable:
                 os.fdatasync(self._journal)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._journal, end)
             raise
+        self._index(entries, end)
+        if self._appended is not None:
+            self._appended += [e.job_id for e in entries]
+
+    def _index(self, entries: Iterable[Entry], at: int) -> None:
+        where, tombstones = self._where, self._tombstones
+        for e in entries:
+            if e.removed:
+                where.pop(e.job_id, None)
+                tombstones.add(e.job_id)
+            else:
+                where[e.job_id] = (at, len(e.line))
+                tombstones.discard(e.job_id)
+            at += len(e.line)
 
     @staticmethod
     def publish(tmp: str) -> None:
@@ -273,50 +328,93 @@ class JobStore:
     def journal_size(self) -> int:
         return os.fstat(self._journal).st_size
 
-    def compact(self, keep: set[str], deleting: set[str]) -> int:
-        """Rewrite the journal as the last entry of each job in keep, and the tombstone of each removed job whose
-        files are still being deleted (or still there); returns the new size."""
-        with open(self.root / JOURNAL, "rb") as f:
-            last, _ = read_journal(f.read())
-        lines = []
-        for job_id, entry in last.items():
-            if entry is None:
-                if job_id in deleting or os.path.lexists(f"{self.jobs_dir}/{job_id}"):
-                    lines.append(journal_line({"removed": job_id}))
-            elif job_id in keep:
-                lines.append(journal_line(entry))
-        return self._replace_journal(lines)
+    def compact(self, deleting: Callable[[], Collection[str]], lock: threading.Lock) -> int:
+        """Rewrite the journal as the last entry of each job that has a record, and the tombstone of each removed
+        job whose files are still being deleted (deleting(), asked after the journal's end is taken) or still
+        there; returns the new size.
+
+        lock is the one commit() is called under: it is held only to take the index, then to copy what commits
+        appended meanwhile and put the new journal in place. The lines are copied as they are (a 4 MB journal
+        parsed into dicts held the writer thread, and every Start waiting behind it, for a second)."""
+        if not self._indexed:
+            raise RuntimeError("compact() before rewrite(): where the entries are is not known")
+        with lock:
+            end = self.journal_size()
+            where, tombstones = dict(self._where), set(self._tombstones)
+            self._appended = []
+        tmp = self.root / f".{JOURNAL}.tmp"
+        fd = -1
+        try:
+            data = memoryview(os.pread(self._journal, end, 0))
+            parts: list[bytes | memoryview] = []
+            index: dict[str, tuple[int, int]] = {}
+            at = 0
+            for job_id, (offset, length) in sorted(where.items(), key=lambda item: item[1][0]):  # in journal order
+                parts.append(data[offset : offset + length])
+                index[job_id] = (at, length)
+                at += length
+            still = deleting()
+            kept = {j for j in tombstones if j in still or os.path.lexists(f"{self.jobs_dir}/{j}")}
+            parts += [removal_entry(job_id).line for job_id in kept]
+            fd = _write_new(tmp, b"".join(parts), self.durable)
+            del data, parts
+            base = os.fstat(fd).st_size
+            with lock:
+                tail = os.pread(self._journal, self.journal_size() - end, end)
+                if tail:
+                    _write_all(fd, tail)
+                    if self.durable:
+                        os.fdatasync(fd)
+                os.close(fd)
+                # the new journal's descriptor before the rename: once it is in place, no commit may go to the old
+                fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+                os.rename(tmp, self.root / JOURNAL)
+                old, self._journal, fd = self._journal, fd, -1
+                os.close(old)
+                for job_id in self._appended:  # what the commits since changed, at its new place
+                    if job_id in self._where:
+                        offset, length = self._where[job_id]
+                        index[job_id] = (offset - end + base, length)
+                        kept.discard(job_id)
+                    else:
+                        index.pop(job_id, None)
+                        kept.add(job_id)
+                self._where, self._tombstones, self._appended = index, kept, None
+                if self.durable:  # before the next commit is acknowledged
+                    _fsync_dir(self.root)
+                return base + len(tail)
+        except BaseException:
+            with lock:
+                self._appended = None
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def rewrite(self, records: Iterable[JobRecord], removed: Iterable[str] = ()) -> int:
         """The journal as exactly these records and tombstones (a restart: what it loaded); returns the new size.
 
         Not written again when load_all() found it so already and nothing was appended since."""
         removed = list(removed)
+        loaded, self._loaded = self._loaded, ({}, set())
+        self._indexed = True
         if self._compact_as_loaded and not removed:
             self._compact_as_loaded = False
+            self._where, self._tombstones = loaded
             return self.journal_size()
-        lines = [journal_line(record_to_json(r)) for r in records]
-        return self._replace_journal(lines + [journal_line({"removed": job_id}) for job_id in removed])
+        entries = [record_entry(r) for r in records] + [removal_entry(job_id) for job_id in removed]
+        data = b"".join(e.line for e in entries)
+        _atomic_write(self.root / JOURNAL, data, self.durable)
+        self._reopen_journal()
+        self._where, self._tombstones = {}, set()
+        self._index(entries, 0)
+        return len(data)
 
-    def _replace_journal(self, lines: list[bytes]) -> int:
-        tmp = self.root / f".{JOURNAL}.tmp"
-        data = b"".join(lines)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.durable:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.root / JOURNAL)
-        if self.durable:
-            _fsync_dir(self.root)
+    def _reopen_journal(self) -> None:
         fd = os.open(self.root / JOURNAL, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         os.close(self._journal)
         self._journal = fd
-        return len(data)
 
     def sync_jobs_dir(self) -> None:
         """Make removals of job directories durable (before the journal forgets their tombstones)."""
@@ -336,7 +434,8 @@ class JobStore:
         os.lseek(self._journal, 0, os.SEEK_SET)
         with os.fdopen(os.dup(self._journal), "rb") as f:
             data = f.read()
-        journal, good, n_entries = scan_journal(data, record_from_json)
+        where: dict[str, tuple[int, int]] = {}
+        journal, good, n_entries = scan_journal(data, record_from_json, where)
         del data
         from_files = 0
         with os.scandir(base) as entries:
@@ -372,6 +471,8 @@ class JobStore:
         self._compact_as_loaded = (
             good == self.journal_size() and n_entries == len(records) and not from_files and not skipped
         )
+        if self._compact_as_loaded:
+            self._loaded = (where, set())
         return records, skipped
 
     @staticmethod

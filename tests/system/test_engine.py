@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from jobsvc.errors import InvalidArgumentError, NotFoundError
 from jobsvc.manager import EngineConfig, JobManager
 from jobsvc.output import STDERR, STDOUT
 from jobsvc.states import JobStatus
+from jobsvc.store import Entry
 from tests.system.conftest import CGROUP_VERSION, job_group_dirs, processes_in_cgroup_named
 
 JobManagerT = JobManager
@@ -316,11 +317,11 @@ async def test_records_are_written_off_the_event_loop_and_start_waits_for_its_ow
     loop_thread = threading.get_ident()
     committed_on: list[int] = []
 
-    def slow_commit(lines: Iterable[bytes]) -> None:  # an fsync stuck behind a busy journal
+    def slow_commit(entries: Sequence[Entry]) -> None:  # an fsync stuck behind a busy journal
         committed_on.append(threading.get_ident())
         entered.set()
         release.wait(10)
-        real_commit(lines)
+        real_commit(entries)
 
     monkeypatch.setattr(store, "commit", slow_commit)
     starting = asyncio.ensure_future(engine.start("alice", ["sleep", "100"]))

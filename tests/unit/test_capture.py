@@ -33,6 +33,13 @@ async def read_until(chunks: AsyncIterator[Chunk], total: int) -> list[Chunk]:
     return got
 
 
+def join_thread(name: str) -> None:
+    """Wait for the capture thread itself to end (the loop awaits done; a test may want the thread gone too)."""
+    for thread in threading.enumerate():
+        if thread.name == name:
+            thread.join()
+
+
 def runs(chunks: list[Chunk]) -> list[tuple[int, bytes]]:
     """(stream, bytes) with neighbouring chunks of one stream joined."""
     out: list[tuple[int, bytes]] = []
@@ -66,7 +73,7 @@ async def test_both_pipes_reach_the_log_in_order_and_done_comes_after_the_last_b
     assert runs([c async for c in log.follow(follow=False)]) == expected
     rest = [c async for c in follower]  # the live reader ends at the close, having missed nothing
     assert rest == []
-    capture.join()
+    join_thread("capture-test")
     assert threading.active_count() == threads
     assert open_fds() == before  # the pipes, the eventfd and the log's files are all closed
 
@@ -107,6 +114,7 @@ async def test_the_loop_runs_on_while_a_write_is_blocked(tmp_path: Path) -> None
 
 async def test_a_busy_loop_is_asked_once_for_many_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notified = splices = 0
+    ended = threading.Event()
 
     class CountingLog(OutputLog):
         def notify(self) -> None:
@@ -119,6 +127,10 @@ async def test_a_busy_loop_is_asked_once_for_many_writes(tmp_path: Path, monkeyp
             splices += 1
             return super().splice_from(fd_tag, pipe_fd, 4096)  # small splices: many of them
 
+        def end_writes(self) -> None:
+            super().end_writes()
+            ended.set()  # the thread's last write: all its requests to the loop are made
+
     log = CountingLog(tmp_path / "out")
     (out_r, out_w), (err_r, err_w) = pipes()
     payload = os.urandom(60_000)  # fits the pipe: written before the capture starts
@@ -127,7 +139,7 @@ async def test_a_busy_loop_is_asked_once_for_many_writes(tmp_path: Path, monkeyp
     os.close(err_w)
     capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)))
     capture.start()
-    capture.join()  # the loop is held here while the thread does all its work
+    ended.wait(30)  # the loop is held here while the thread does all its work
     assert splices >= 15
     await capture.done.wait()
     assert notified <= 2  # one request while the loop was busy, one at the end
@@ -199,4 +211,51 @@ async def test_the_per_job_cap_gives_the_share_back_what_it_drops(tmp_path: Path
     await capture.done.wait()
     assert log.size == 16 * 64 * 1024 and log.start > 0
     assert budget.used == log.size - log.start  # what was stored minus what the cap dropped
+    log.close()
+
+
+async def test_a_quota_holds_writes_off_as_a_full_disk_does_and_room_again_is_used_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # statvfs shows room under a quota: each write was tried again and made two index records (its run, then the
+    # lost one). Here the hold-off lasts the whole test, so only the quota's own answer can end it.
+    monkeypatch.setattr("jobsvc.capture.DISK_RETRY", 3600.0)
+    over_quota = threading.Event()
+    over_quota.set()
+    refused_splices = probes = 0
+
+    class QuotaLog(OutputLog):
+        def splice_from(self, fd_tag: int, pipe_fd: int, limit: int) -> int:
+            nonlocal refused_splices
+            if over_quota.is_set():
+                refused_splices += 1
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            return super().splice_from(fd_tag, pipe_fd, limit)
+
+        def room_for(self, n: int) -> bool | None:
+            nonlocal probes
+            probes += 1
+            return not over_quota.is_set() and super().room_for(n)
+
+    log = QuotaLog(tmp_path / "out")
+    (out_r, out_w), (err_r, err_w) = pipes()
+    lost: list[OSError | None] = []
+    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)), lost.append)
+    capture.start()
+    os.close(err_w)
+    writes = 8
+    for i in range(writes):  # one at a time, each taken from the pipe before the next
+        os.write(out_w, b"q" * 4096)
+        while log.lost_bytes < 4096 * (i + 1):
+            await asyncio.sleep(0.002)
+    assert refused_splices == 1, "a write under the quota was tried again within the hold-off"
+    assert probes <= 2 * writes, "the thread spun on the refused quota"
+    over_quota.clear()  # room again, long before the hold-off ends: the next bytes are stored
+    follower = log.follow(from_offset=log.size).__aiter__()
+    os.write(out_w, b"stored\n")
+    assert runs(await read_until(follower, 7)) == [(STDOUT, b"stored\n")]
+    os.close(out_w)
+    await capture.done.wait()
+    assert len(lost) == 1 and lost[0] is not None and lost[0].errno == errno.EDQUOT  # told once
+    assert (log.lost_bytes, log.size) == (4096 * writes, 4096 * writes + 7)
     log.close()

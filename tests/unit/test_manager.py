@@ -11,7 +11,8 @@ import errno
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from jobsvc.model import JobRecord, Limits
 from jobsvc.output import STDERR, STDOUT
 from jobsvc.spawn import SpawnError
 from jobsvc.states import JobStatus
+from jobsvc.store import Entry
 from tests.unit.fakes import Engine, FakeClock, FakeDriver, FakeProcess, exited, make_engine, no_such_file
 
 ALICE, BOB = "CN=alice", "CN=bob"
@@ -228,6 +230,7 @@ async def test_a_full_state_disk_at_the_record_is_resource_exhausted_and_undone(
     engine.manager.collect_garbage()
     assert not engine.store.job_dir("0000aaaa-full").exists()
     assert engine.manager.list(ALICE) == []
+    await engine.manager.settled()  # its files are removed in the record writer's threads
     assert "0000aaaa-full" in engine.work.removed and engine.users.held == set()
     assert open_fds() == fds
 
@@ -352,6 +355,38 @@ async def test_reconcile_stops_what_a_crashed_server_left_running_and_removes_un
         assert second.manager.get(ALICE, ended.id) == first.store.load(ended.id)
         assert driver.existing() == []
     finally:
+        await second.manager.shutdown(grace=0)
+
+
+async def test_reconcile_saves_the_jobs_it_took_over_in_shared_commits(tmp_path: Path) -> None:
+    first = make_engine(tmp_path / "before")
+    await first.manager.reconcile()
+    running = [await first.manager.start(BOB, ["runs"]) for _ in range(6)]
+    crashed = tmp_path / "after"
+    shutil.copytree(first.manager.config.state_dir, crashed / "state")  # what a crash leaves: all six running
+    await first.manager.shutdown(grace=0)
+
+    second = make_engine(crashed)
+    loop, free = asyncio.get_running_loop(), threading.Event()
+    batches: list[int] = []
+    real_commit = second.store.commit
+
+    def commit(entries: Sequence[Entry]) -> None:
+        if not batches:  # the first commit waits until the loop runs again: everything it queued is queued
+            loop.call_soon_threadsafe(free.set)
+            free.wait(5)
+        batches.append(len(entries))
+        real_commit(entries)
+
+    second.store.commit = commit  # type: ignore[method-assign]
+    await second.manager.reconcile()
+    try:
+        assert sum(batches) == 6 and len(batches) <= 2, f"one commit per job taken over: {batches}"
+        for rec in running:
+            after = second.store.load(rec.id)
+            assert (after.status, after.reason) == (JobStatus.STOPPED, "server restarted")
+    finally:
+        second.store.commit = real_commit  # type: ignore[method-assign]
         await second.manager.shutdown(grace=0)
 
 

@@ -399,3 +399,21 @@ async def test_an_ended_log_reads_the_disk_only_when_a_reader_comes(tmp_path: Pa
     chunks = await collect(ended)
     assert joined(chunks, STDOUT) == b"one\n" * 20000 and joined(chunks, STDERR) == b"two\n"
     assert ended.lost_bytes == 3
+
+
+async def test_room_asked_for_is_allocated_where_the_next_bytes_go_and_given_back_when_writes_end(
+    tmp_path: Path,
+) -> None:
+    log = OutputLog(tmp_path / "out", segment_size=1 << 20)
+    log.append(STDOUT, b"x" * 10)
+    segment = tmp_path / "out" / f"{0:012d}.seg"
+    before = segment.stat().st_blocks
+    assert log.room_for(512 * 1024) is True
+    assert segment.stat().st_size == 10  # readers see nothing of it
+    assert (segment.stat().st_blocks - before) * 512 >= 512 * 1024  # the blocks are held for the next writes
+    log.append(STDOUT, b"y" * 20)
+    log.end_writes()
+    assert segment.stat().st_blocks <= max(before, 8)  # what was left past the end is given back
+    log.notify()
+    log.close()
+    assert joined(await collect(log)) == b"x" * 10 + b"y" * 20

@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 import errno
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ import pytest
 from jobsvc.model import JobRecord
 from jobsvc.records import RecordWriter
 from jobsvc.states import JobStatus
-from jobsvc.store import JOURNAL, JobStore, journal_line, read_journal
+from jobsvc.store import JOURNAL, Entry, JobStore, journal_line, read_journal
 from jobsvc.store import record_to_json as store_json
 
 T0 = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
@@ -42,17 +42,17 @@ class GatedStore(JobStore):
         self.gate.set()
         self.entered = threading.Event()
         self.full = False
-        self.commits: list[list[bytes]] = []
+        self.commits: list[list[Entry]] = []
 
     def stage(self, record: JobRecord) -> str:
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
         return super().stage(record)
 
-    def commit(self, lines: Iterable[bytes]) -> None:
+    def commit(self, entries: Sequence[Entry]) -> None:
         self.entered.set()
         self.gate.wait(10)
-        batch = list(lines)
+        batch = list(entries)
         self.commits.append(batch)
         super().commit(batch)
 
@@ -262,9 +262,117 @@ async def test_a_restart_writes_the_journal_again_only_when_it_is_not_one_entry_
 def test_an_undecodable_journal_entry_is_one_unreadable_record_not_a_failed_restart(store: GatedStore) -> None:
     good, bad = store_json(record(1, JobStatus.FINISHED)), store_json(record(2, JobStatus.FINISHED))
     bad["status"] = "no such status"
-    store.commit([journal_line(good), journal_line(bad)])
+    store.commit([Entry(good["id"], journal_line(good)), Entry(bad["id"], journal_line(bad))])
     for job_id in (good["id"], bad["id"]):
         store.job_dir(job_id).mkdir(parents=True)
     records, skipped = reload(store)
     assert list(records) == [good["id"]]
     assert [(name, why.split(":")[0]) for name, why in skipped] == [(bad["id"], "unreadable record")]
+
+
+async def test_commits_go_on_while_the_journal_is_compacted_and_what_they_append_meanwhile_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copying, release = threading.Event(), threading.Event()
+
+    class HeldCompaction(GatedStore):
+        def compact(self, deleting: Callable[[], Collection[str]], lock: threading.Lock) -> int:
+            def held() -> Collection[str]:  # asked in the middle of the copy
+                copying.set()
+                release.wait(30)
+                return deleting()
+
+            return super().compact(held, lock)
+
+    monkeypatch.setattr("jobsvc.records.COMPACT_AT", 4096)
+    store = HeldCompaction(tmp_path / "state")
+    writer = opened(store)
+    for n in range(8):  # jobs 0-3 running, then finished
+        await writer.save(record(n % 4, JobStatus.FINISHED if n >= 4 else JobStatus.RUNNING))
+    n = 8
+    while not copying.is_set():  # enough superseded entries for a compaction to start
+        await writer.save(record(1, JobStatus.FINISHED))
+        n += 1
+    for m in range(10, 14):  # answered while the copy is held: the commits do not wait for it
+        await writer.save(record(m))
+    writer.remove(record(0).id)
+    await writer.save(record(14))
+    assert not release.is_set()
+    release.set()
+    await writer.settled()
+    writer.close()
+    entries = (store.root / JOURNAL).read_bytes().count(b"\n")
+    assert entries < n + 6, "not compacted"  # n saves, then 6 entries while the copy was held
+    records, _ = reload(store)
+    assert set(records) == {record(m).id for m in (1, 2, 3, 10, 11, 12, 13, 14)}
+    assert all(records[record(m).id].status is JobStatus.FINISHED for m in (1, 2, 3))
+
+
+async def test_removals_queued_together_are_made_durable_with_one_fsync(
+    store: GatedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    monkeypatch.setattr(store, "sync_jobs_dir", lambda: syncs.append(1))
+    first_entered, release = threading.Event(), threading.Event()
+
+    def delete(job_id: str) -> None:
+        if job_id == record(0).id:  # the deleter is busy with this one while the others are removed
+            first_entered.set()
+            release.wait(30)
+        store.remove(job_id)
+
+    writer = RecordWriter(store, delete)
+    writer.open([])
+    for n in range(10):
+        await writer.save(record(n, JobStatus.FINISHED))
+    writer.remove(record(0).id)
+    await asyncio.get_running_loop().run_in_executor(None, first_entered.wait)
+    for n in range(1, 10):
+        writer.remove(record(n).id)
+    await writer.save(record(99))  # behind the removals in the queue: their tombstones are durable now
+    last, _ = read_journal((store.root / JOURNAL).read_bytes())
+    assert all(last[record(n).id] is None for n in range(10))  # a crash now: none of them comes back
+    release.set()
+    await writer.settled()
+    writer.close()
+    assert len(syncs) == 2  # one for the first removal, one for the nine queued behind it
+    assert not any(store.job_dir(record(n).id).exists() for n in range(10))
+    records, _ = reload(store)
+    assert set(records) == {record(99).id}
+
+
+async def test_the_shutdowns_last_round_writes_off_the_loop(store: GatedStore) -> None:
+    writer = opened(store)
+    await writer.save(record(1))
+    store.full = True
+    final = record(1, JobStatus.FINISHED)
+    await writer.persist(final)
+    assert final.id in writer.unsaved
+    store.full = False
+    store.entered.clear()
+    store.gate.clear()  # the disk is slow: the last round's commit is held
+    finishing = asyncio.ensure_future(writer.finish(lambda r: r))
+    await asyncio.get_running_loop().run_in_executor(None, store.entered.wait)
+    called = asyncio.Event()
+    asyncio.get_running_loop().call_soon(called.set)
+    await called.wait()  # the loop runs on while the commit waits for the disk
+    assert not finishing.done()
+    store.gate.set()
+    await finishing
+    assert writer.unsaved == {}
+    records, _ = reload(store)
+    assert records[final.id].status is JobStatus.FINISHED
+
+
+async def test_records_persisted_together_share_commits(store: GatedStore) -> None:
+    writer = opened(store)
+    store.gate.clear()  # the first commit waits until everything is queued
+    loop = asyncio.get_running_loop()
+    persisting = asyncio.ensure_future(writer.persist_all([record(n, JobStatus.STOPPED) for n in range(8)]))
+    await loop.run_in_executor(None, store.entered.wait)
+    store.gate.set()
+    await persisting
+    writer.close()
+    assert sum(len(c) for c in store.commits) == 8 and len(store.commits) <= 2
+    records, _ = reload(store)
+    assert {r.status for r in records.values()} == {JobStatus.STOPPED} and len(records) == 8
