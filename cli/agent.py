@@ -412,17 +412,13 @@ class _Warm:
         self.channel = open_channel(target, ca, cert, private)
         # connect now, without waiting for it: a command that comes meanwhile must not wait for a server that is
         # down (it then fails at once, as in its own process)
-        self.ready = connect_ahead(self.channel)
+        connect_ahead(self.channel)
 
     def fits(self, target: str, pems: tuple[bytes, bytes, bytes]) -> bool:
         if target != self.target or pems != self.pems:
             return False
         from .client import usable
 
-        try:
-            self.ready.cancel()
-        except Exception:
-            return False
         # a channel in backoff after failed attempts would fail the first call at once: a fresh one tries anew
         return usable(self.channel)
 
