@@ -48,6 +48,8 @@ FORWARDED = (
     _signal.SIGCONT,
 )
 MAX_FDS = 8
+# before the agent has accepted, one of these ends the wait at once (the process then leaves as it would have)
+ENDING = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2)
 
 
 def socket_dir() -> str:
@@ -226,12 +228,15 @@ class _Forwarder:
         self.accepted = False
         self.pending: list[int] = []
         self.sent: list[int] = []  # forwarded since the COMMIT
+        self.waiting = True  # for the agent: an ENDING signal interrupts the wait
         for sig in FORWARDED:
             _signal.signal(sig, self.handle)
 
     def handle(self, signum: int, frame: object) -> None:
         if not self.accepted:
             self.pending.append(signum)
+            if self.waiting and signum in ENDING:
+                raise InterruptedError(f"signal {signum}")  # an OSError: through_agent's cleanup acts on it
             return
         try:
             self.sock.sendall(SIGNAL + bytes([signum]))
@@ -298,6 +303,8 @@ def through_agent(argv: list[str]) -> int | None:
         return None
     forward: _Forwarder | None = None
     try:
+        # from here a Ctrl-C before the agent accepts leaves as it would in-process (130), also while this waits
+        forward = _Forwarder(sock)
         if peer_uid(sock) != os.getuid() or _read_reply(sock) != HELLO + b"\0":
             return None
         umask = os.umask(0)
@@ -307,7 +314,6 @@ def through_agent(argv: list[str]) -> int | None:
             request = encode_request(
                 [os.fsencode(a) for a in argv], [k + b"=" + v for k, v in os.environb.items()], umask
             )
-            forward = _Forwarder(sock)
             send_frame(sock, request, [0, 1, 2, cwd])
         finally:
             os.close(cwd)
@@ -328,6 +334,8 @@ def through_agent(argv: list[str]) -> int | None:
             return None
         reply = b""
     finally:
+        if forward is not None:
+            forward.waiting = False
         if forward is None or not forward.accepted:
             sock.close()  # the agent lets go of what it holds for this command (its child, our descriptors)
         if forward is not None and not forward.accepted:
