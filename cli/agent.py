@@ -283,6 +283,9 @@ class Agent:
             )
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionError:  # it went away (a front end that gave up, a probe of the socket)
+            self.end_request(request)
+            return
         except OSError as e:
             log.warning("request failed: %s", e)
             self.end_request(request)
