@@ -23,6 +23,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobctl.agent")
 IDLE_ENV = "JOBCTL_AGENT_IDLE"
 DEFAULT_IDLE = 300.0
-REQUEST_TIMEOUT = 5.0  # for a front end to send its request once connected
+REQUEST_TIMEOUT = 5.0  # for a front end to send its request once connected (it gives up sooner: ANSWER_TIMEOUT)
+MAX_REQUEST = 8 << 20  # argv and environment: Linux gives exec at most a quarter of the stack limit (2 MiB)
 # what the interpreter read at start-up: a command whose values differ runs in its own process
 IDENTITY = (b"LANG", b"LC_ALL", b"LC_CTYPE")
 PROXY = (b"http_proxy", b"https_proxy", b"no_proxy", b"all_proxy", b"grpc_proxy", b"no_grpc_proxy")
@@ -65,7 +67,9 @@ PRELOAD = (
     "importlib.metadata",
 )
 
-GO = b"go"  # a child's frame: the command's set-up is done, it runs now
+GO = b"go"  # a child's frame: the command's set-up is done, it waits for RUN
+RUN = b"run"  # to a child: its front end has committed to the command (front.COMMIT), run it
+FORWARDED_TO_COMMAND = [s for s in front.FORWARDED if s != signal.SIGTSTP]  # the agent sends SIGSTOP for it
 Key = tuple[str, tuple[str, str, str]]  # target, (CA, certificate, key) as absolute paths
 
 
@@ -89,8 +93,25 @@ class Child:
     key: Key | None = None  # its connected channel's target and files (None: no channel)
     conn: socket.socket | None = None  # the front end whose command it runs
     inbox: bytes = b""
-    accepted: bool = False  # it has begun the command: the front end waits for its end
+    ready: bool = False  # it has taken on the command's set-up (GO) and waits for RUN
+    accepted: bool = False  # it was sent RUN: the front end waits for its end
     exited: bool = field(default=False)
+
+
+@dataclass(eq=False)
+class Request:
+    """A front end's connection until its request has come whole (read as it comes: one slow client blocks no one)."""
+
+    conn: socket.socket
+    deadline: float
+    data: bytes = b""
+    fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.conn.close()
 
 
 class Agent:
@@ -105,6 +126,7 @@ class Agent:
         self.listener: socket.socket | None = None
         self.listener_ino = 0
         self.children: dict[int, Child] = {}
+        self.requests: list[Request] = []
         self.spare: Child | None = None
         self.last_key: Key | None = None
         self.last_active = time.monotonic()
@@ -186,38 +208,128 @@ class Agent:
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
+    def busy(self) -> bool:
+        return bool(self.requests) or any(c.conn is not None for c in self.children.values())
+
     def serve(self) -> None:
-        while True:
-            busy = any(c.conn is not None for c in self.children.values())
-            if self.listener is None and not busy:
-                return
-            timeout = None if busy else max(0.0, self.last_active + self.idle - time.monotonic())
-            events = self.sel.select(timeout)
-            for key, _ in events:
+        while self.step():
+            pass
+
+    def step(self) -> bool:
+        """One round of the loop; False once the agent is done."""
+        busy = self.busy()
+        if self.listener is None and not busy:
+            return False
+        now = time.monotonic()
+        if self.requests:
+            timeout: float | None = max(0.0, min(r.deadline for r in self.requests) - now)
+        else:
+            timeout = None if busy else max(0.0, self.last_active + self.idle - now)
+        events = self.sel.select(timeout)
+        registered = self.sel.get_map()
+        for key, _ in events:
+            # an earlier callback of this round may have closed this one's descriptor (a child's exit closes its
+            # channel and its front end's connection), and its number may be registered anew since
+            if registered.get(key.fd) is key:
                 key.data(key.fileobj)
-            busy = any(c.conn is not None for c in self.children.values())
-            if not events and not busy and time.monotonic() - self.last_active >= self.idle:
-                log.info("idle for %gs", self.idle)
-                self.retire()
-                return
+        self.expire(time.monotonic())
+        if not events and not self.busy() and time.monotonic() - self.last_active >= self.idle:
+            log.info("idle for %gs", self.idle)
+            self.retire()
+            return False
+        return True
 
     def on_accept(self, listener: Any) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, say: those who wait run in-process after their timeout
+                log.warning("accept failed: %s", e)
+                return
+            try:
+                uid = front.peer_uid(conn)
+                if uid != os.getuid():
+                    log.warning("refused a connection from uid %d", uid)
+                    conn.close()
+                    continue
+                conn.setblocking(False)
+                conn.send(front.HELLO + b"\0")
+            except OSError:
+                conn.close()
+                continue
+            request = Request(conn, time.monotonic() + REQUEST_TIMEOUT)
+            self.requests.append(request)
+            self.sel.register(conn, selectors.EVENT_READ, lambda _c, r=request: self.on_request(r))
+
+    def end_request(self, request: Request) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(request.conn)
+        with contextlib.suppress(ValueError):
+            self.requests.remove(request)
+        request.close()
+
+    def expire(self, now: float) -> None:
+        for request in [r for r in self.requests if r.deadline <= now]:
+            log.warning("dropped a connection that sent no whole request within %gs", REQUEST_TIMEOUT)
+            self.end_request(request)
+
+    def on_request(self, request: Request) -> None:
+        """More of a request; once it is whole, take the command."""
         try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
+            data, anc, _flags, _addr = request.conn.recvmsg(
+                65536, socket.CMSG_SPACE(front.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
             return
-        fds: list[int] = []
+        except ConnectionError:  # it went away (a front end that gave up, a probe of the socket)
+            self.end_request(request)
+            return
+        except OSError as e:
+            log.warning("request failed: %s", e)
+            self.end_request(request)
+            return
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                n = len(raw) // 4
+                request.fds += struct.unpack(f"{n}i", raw[: n * 4])
+        if not data:  # it went away (a front end that gave up)
+            self.end_request(request)
+            return
+        request.data += data
+        if len(request.data) < 4:
+            return
+        (size,) = struct.unpack("!I", request.data[:4])
+        if size > MAX_REQUEST or len(request.data) > 4 + size:  # a front end sends nothing more until answered
+            log.warning("request failed: not a jobctl request")
+            self.end_request(request)
+            return
+        if len(request.data) < 4 + size:
+            return
+        try:  # it may have given up meanwhile (this agent was stopped, say): then nothing is started for it
+            gone = request.conn.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            gone = False
+        except OSError:
+            gone = True
+        if gone:
+            self.end_request(request)
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(request.conn)
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
-            if front.peer_uid(conn) != os.getuid():
-                log.warning("refused a connection from uid %d", front.peer_uid(conn))
-                conn.close()
-                return
-            frame = front.recv_frame(conn)
-            if frame is None:
-                conn.close()
-                return
-            data, fds = frame
+            self.take_command(request)
+        finally:  # the child has its own copies
+            with contextlib.suppress(ValueError):
+                self.requests.remove(request)
+            for fd in request.fds:
+                os.close(fd)
+            request.fds = []
+
+    def take_command(self, request: Request) -> None:
+        conn, data, fds = request.conn, request.data[4:], request.fds
+        try:
             if len(fds) != 4:
                 raise ValueError(f"{len(fds)} descriptors, want 4")
             _argv, env, _umask = front.decode_request(data)
@@ -241,13 +353,9 @@ class Agent:
             log.warning("request failed: %s", e)
             conn.close()
             return
-        finally:
-            for fd in fds:
-                os.close(fd)
-        # accepted once the child has taken on the command's set-up (on_report): should it fail first, the front
-        # end gets no answer and runs the command itself
+        # accepted once the child has taken on the command's set-up (GO): should it fail first, the front end gets
+        # no answer and runs the command itself; it runs once the front end has committed (on_front)
         child.conn = conn
-        self.served += 1
         self.last_active = time.monotonic()
         self.replenish()
 
@@ -276,10 +384,13 @@ class Agent:
             os._exit(70)
         theirs.close()
         child = Child(pid, os.pidfd_open(pid), ours, genv, key)
-        self.children[pid] = child
-        self.sel.register(child.pidfd, selectors.EVENT_READ, lambda _f, ch=child: self.on_exit(ch))
-        self.sel.register(ours, selectors.EVENT_READ, lambda _s, ch=child: self.on_report(ch))
+        self.watch(child)
         return child
+
+    def watch(self, child: Child) -> None:
+        self.children[child.pid] = child
+        self.sel.register(child.pidfd, selectors.EVENT_READ, lambda _f, ch=child: self.on_exit(ch))
+        self.sel.register(child.chan, selectors.EVENT_READ, lambda _s, ch=child: self.on_report(ch))
 
     def _forget_in_child(self) -> None:
         """Close the parent's descriptors in a new child (a child must not keep the lock or another's socket)."""
@@ -293,10 +404,14 @@ class Agent:
             other.chan.close()
             if other.conn is not None:
                 other.conn.close()
+        for request in self.requests:  # others' stdio and working directories (and, for a fresh child, its own)
+            request.close()
 
     def on_front(self, child: Child) -> None:
-        """A signal from the front end, or its end (it was killed: so is the command, as in one process)."""
-        assert child.conn is not None
+        """The front end's COMMIT or a signal from it, or its end (it was killed: so is the command, as in one
+        process; before its COMMIT, it gave up: the command never ran)."""
+        if child.conn is None:
+            return
         try:
             data = child.conn.recv(64)
         except BlockingIOError:
@@ -314,7 +429,14 @@ class Agent:
         while len(child.inbox) >= 2:
             what, number = child.inbox[:1], child.inbox[1]
             child.inbox = child.inbox[2:]
-            if what == front.SIGNAL:
+            if what == front.COMMIT and not child.accepted:
+                try:
+                    front.send_frame(child.chan, RUN)
+                except OSError:  # it died: on_exit tells the front end to run the command itself
+                    continue
+                child.accepted = True
+                self.served += 1
+            elif what == front.SIGNAL:
                 self._kill(child, signal.SIGSTOP if number == signal.SIGTSTP else number)
 
     @staticmethod
@@ -323,19 +445,23 @@ class Agent:
             signal.pidfd_send_signal(child.pidfd, sig)
 
     def on_report(self, child: Child) -> None:
-        """The target and files a command's JobClient used: what the next spare connects to."""
+        """A frame from a child: GO, or the target and files its JobClient used."""
         try:
             frame = front.recv_frame(child.chan)
         except OSError:
             frame = None
         if frame is None:
-            self.sel.unregister(child.chan)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(child.chan)
             return
+        self.on_frame(child, frame)
+
+    def on_frame(self, child: Child, frame: tuple[bytes, list[int]]) -> None:
         data, fds = frame
         for fd in fds:
             os.close(fd)
         if data == GO:
-            self.accepted(child)
+            self.ready(child)
             return
         parts = [os.fsdecode(p) for p in data.split(b"\0")]
         if len(parts) != 4:
@@ -346,29 +472,38 @@ class Agent:
             self.drop(self.spare)
         self.replenish()
 
-    def accepted(self, child: Child) -> None:
+    def ready(self, child: Child) -> None:
         conn = child.conn
-        if conn is None:
+        if conn is None or child.ready:
             return
+        child.ready = True
         with contextlib.suppress(OSError):
             conn.sendall(front.ACCEPTED + b"\0")
-        child.accepted = True
-        conn.setblocking(False)
         self.sel.register(conn, selectors.EVENT_READ, lambda _c, ch=child: self.on_front(ch))
 
     def on_exit(self, child: Child) -> None:
         _, status = os.waitpid(child.pid, 0)
         child.exited = True
-        if child.conn is not None and child.accepted:
-            if os.WIFSIGNALED(status):
+        # what it sent before it ended counts first, whichever of the two epoll reported first
+        with contextlib.suppress(OSError):
+            child.chan.setblocking(False)
+        while True:
+            try:
+                frame = front.recv_frame(child.chan)
+            except OSError:
+                break
+            if frame is None:
+                break
+            self.on_frame(child, frame)
+        if child.conn is not None:
+            if not child.accepted:  # nothing ran: the front end runs the command itself
+                reply = front.REFUSED + bytes([front.REFUSED_GONE])
+            elif os.WIFSIGNALED(status):
                 reply = front.KILLED + bytes([os.WTERMSIG(status)])
             else:
                 reply = front.EXITED + bytes([os.waitstatus_to_exitcode(status) & 0xFF])
-            try:
-                child.conn.setblocking(True)
-                child.conn.sendall(reply)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # two bytes: they fit, else the front end is gone
+                child.conn.send(reply)
             self.last_active = time.monotonic()
         self.forget(child)
 
@@ -412,17 +547,13 @@ class _Warm:
         self.channel = open_channel(target, ca, cert, private)
         # connect now, without waiting for it: a command that comes meanwhile must not wait for a server that is
         # down (it then fails at once, as in its own process)
-        self.ready = connect_ahead(self.channel)
+        connect_ahead(self.channel)
 
     def fits(self, target: str, pems: tuple[bytes, bytes, bytes]) -> bool:
         if target != self.target or pems != self.pems:
             return False
         from .client import usable
 
-        try:
-            self.ready.cancel()
-        except Exception:
-            return False
         # a channel in backoff after failed attempts would fail the first call at once: a fresh one tries anew
         return usable(self.channel)
 
@@ -498,6 +629,7 @@ def run_child(chan: socket.socket, key: Key | None) -> None:
     if frame is None:
         os._exit(0)
     data, fds = frame
+    caught: list[int] = []
     agent_log = os.dup(2)
     try:
         argv, env, umask = front.decode_request(data)
@@ -519,14 +651,31 @@ def run_child(chan: socket.socket, key: Key | None) -> None:
         sys.argv = [os.fsdecode(a) for a in argv]
         from .main import main as run_in_process
 
+        # a signal forwarded right after the COMMIT waits until the command runs (as it would reach a fresh
+        # process's main()) rather than end this set-up
+        for sig in FORWARDED_TO_COMMAND:
+            signal.signal(sig, lambda signum, _frame: caught.append(signum))
         front.send_frame(chan, GO)
+        go = front.recv_frame(chan)
+        if go is None or go[0] != RUN:  # the front end gave up (it runs the command itself) or went away
+            os._exit(0)
     except BaseException:  # nothing ran: the front end runs the command itself; the reason goes to the log
         os.write(agent_log, traceback.format_exc().encode(errors="replace"))
         os._exit(70)
     os.close(agent_log)
 
+    for sig in FORWARDED_TO_COMMAND:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        for signum in caught:
+            signal.raise_signal(signum)
         run_in_process()  # leaves by os._exit
+    except KeyboardInterrupt:  # before jobctl's own handlers: as Python leaves, of SIGINT
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

@@ -272,6 +272,20 @@ def _short(details: str) -> str:
     return details.rsplit(": ", 1)[-1].strip().rstrip(".")
 
 
+# A call whose connection went silent (a NAT, proxy or firewall lost it: no RST, no FIN, nothing comes any more)
+# would wait for ever, a stream or a wait having no deadline: while a call is open and nothing came for
+# KEEPALIVE_TIME, ping; unanswered after KEEPALIVE_TIMEOUT, the connection is dropped and the call fails (a stream
+# then resumes). jobsvc takes a client's pings at 10 s intervals or more (server/app.py MIN_CLIENT_PING_INTERVAL).
+KEEPALIVE_TIME = 20.0
+KEEPALIVE_TIMEOUT = 10.0
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", round(KEEPALIVE_TIME * 1000)),
+    ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT * 1000)),
+    ("grpc.http2.ping_timeout_ms", round(KEEPALIVE_TIMEOUT * 1000)),  # (grpc core 1.85 times pings out by this)
+    ("grpc.http2.max_pings_without_data", 0),  # else it stops after 2 on a stream of a job that prints nothing
+)
+
+
 def open_channel(target: str, ca: bytes, cert: bytes, key: bytes) -> grpc.Channel:
     """A mutual-TLS channel to target (JobClient's, and the agent's warm one: built in one place)."""
     import grpc
@@ -280,14 +294,20 @@ def open_channel(target: str, ca: bytes, cert: bytes, key: bytes) -> grpc.Channe
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     except Exception as e:
         raise ClientError(f"bad certificate or key: {e}") from None
-    return grpc.secure_channel(target, creds)
+    return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
 
 
-def connect_ahead(channel: grpc.Channel) -> Any:
-    """Start connecting channel now without waiting; cancel() the result before using the channel."""
-    import grpc
+def connect_ahead(channel: grpc.Channel) -> None:
+    """Start connecting channel now, without waiting and without a thread.
 
-    return grpc.channel_ready_future(channel)
+    Not grpc.channel_ready_future (or subscribe()): their poller thread watches the state in 0.2 s windows and
+    outlives its cancel() until its window ends, and the channel's close() waits for it; a command that used a
+    channel connected less than 0.2 s before paid up to 0.2 s when it closed it.
+    """
+    import contextlib
+
+    with contextlib.suppress(Exception):  # not grpc's own channel class: its first call connects it
+        channel._channel.check_connectivity_state(True)  # type: ignore[attr-defined]
 
 
 def usable(channel: grpc.Channel) -> bool:

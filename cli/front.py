@@ -5,7 +5,9 @@ their pure-Python wrappers, which cost a few ms of enum building each), so a com
 a bare interpreter start. It sends argv, the environment, the umask and descriptors 0, 1, 2 and the working
 directory (SCM_RIGHTS) over a Unix socket in a 0700 directory of its own uid, forwards signals, and exits with the
 code (or dies of the signal) the agent reports. On any problem before the agent accepted the command it runs the
-command in this process instead, exactly as without an agent.
+command in this process instead, exactly as without an agent; so does an agent that has not answered within
+ANSWER_TIMEOUT (stopped, wedged or swamped). The command runs only once this process has answered the agent's
+acceptance (COMMIT): a front end that gave up on a slow agent never has its command run there as well.
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ if TYPE_CHECKING:  # the same functions; the wrapper module only adds enums (and
 else:
     import _signal
 
-PROTOCOL = b"jobctl-agent/1"
+PROTOCOL = b"jobctl-agent/2"
 NO_AGENT = "JOBCTL_NO_AGENT"
-# the agent answers with two bytes: what, and a number
-ACCEPTED, REFUSED, EXITED, KILLED, SIGNAL = b"A", b"R", b"E", b"K", b"S"
-REFUSED_ENV, REFUSED_STALE = 1, 2  # a different interpreter set-up; the agent's code changed on disk (it retires)
+# every message but the request is two bytes: what, and a number. The agent sends HELLO once it has taken the
+# connection (only then does the request, with the stdio descriptors, go: descriptors queued to an agent that is
+# stopped would stay open until it runs again), ACCEPTED (its child has taken on the command's set-up) or REFUSED,
+# then EXITED or KILLED; the front end sends COMMIT (run it), then SIGNALs.
+HELLO, ACCEPTED, REFUSED, EXITED, KILLED, SIGNAL, COMMIT = b"H", b"A", b"R", b"E", b"K", b"S", b"C"
+# the child died before it ran anything; a different interpreter set-up; the agent's code changed on disk (it retires)
+REFUSED_GONE, REFUSED_ENV, REFUSED_STALE = 0, 1, 2
+# for the agent to take the connection and the request and to accept it; past it the command runs here
+ANSWER_TIMEOUT = 3.0
 # forwarded to the command as they come; SIGTSTP stops the command and then this process, SIGCONT wakes both
 FORWARDED = (
     _signal.SIGINT,
@@ -40,6 +48,8 @@ FORWARDED = (
     _signal.SIGCONT,
 )
 MAX_FDS = 8
+# before the agent has accepted, one of these ends the wait at once (the process then leaves as it would have)
+ENDING = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2)
 
 
 def socket_dir() -> str:
@@ -217,17 +227,22 @@ class _Forwarder:
         self.sock = sock
         self.accepted = False
         self.pending: list[int] = []
+        self.sent: list[int] = []  # forwarded since the COMMIT
+        self.waiting = True  # for the agent: an ENDING signal interrupts the wait
         for sig in FORWARDED:
             _signal.signal(sig, self.handle)
 
     def handle(self, signum: int, frame: object) -> None:
         if not self.accepted:
             self.pending.append(signum)
+            if self.waiting and signum in ENDING:
+                raise InterruptedError(f"signal {signum}")  # an OSError: through_agent's cleanup acts on it
             return
         try:
             self.sock.sendall(SIGNAL + bytes([signum]))
         except OSError:
             return
+        self.sent.append(signum)
         if signum == _signal.SIGTSTP:  # the command is stopped (SIGSTOP); now stop here too, as Ctrl-Z would
             _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
             os.kill(os.getpid(), _signal.SIGTSTP)
@@ -238,6 +253,11 @@ class _Forwarder:
         for signum in self.pending:
             self.handle(signum, None)
         self.pending.clear()
+
+    def unaccept(self) -> None:
+        """The agent's child died before it got the COMMIT: what was forwarded meanwhile counts as pending."""
+        self.accepted = False
+        self.pending, self.sent = self.sent, []
 
 
 def _read_reply(sock: _socket.socket) -> bytes:
@@ -271,15 +291,21 @@ def through_agent(argv: list[str]) -> int | None:
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    sock.settimeout(ANSWER_TIMEOUT)  # a stopped agent's full backlog, or a request it does not read
     try:
         sock.connect(sock_path)
+    except TimeoutError:
+        sock.close()
+        return None
     except OSError:  # refused: a stale socket (the agent ended without removing it), or a retiring agent
         sock.close()
         start_agent()
         return None
     forward: _Forwarder | None = None
     try:
-        if peer_uid(sock) != os.getuid():
+        # from here a Ctrl-C before the agent accepts leaves as it would in-process (130), also while this waits
+        forward = _Forwarder(sock)
+        if peer_uid(sock) != os.getuid() or _read_reply(sock) != HELLO + b"\0":
             return None
         umask = os.umask(0)
         os.umask(umask)
@@ -288,22 +314,30 @@ def through_agent(argv: list[str]) -> int | None:
             request = encode_request(
                 [os.fsencode(a) for a in argv], [k + b"=" + v for k, v in os.environb.items()], umask
             )
-            forward = _Forwarder(sock)
             send_frame(sock, request, [0, 1, 2, cwd])
         finally:
             os.close(cwd)
-        reply = _read_reply(sock)
+        reply = _read_reply(sock)  # TimeoutError (an OSError) after ANSWER_TIMEOUT: nothing has run
         if reply[:1] != ACCEPTED:
             if reply == REFUSED + bytes([REFUSED_STALE]):
                 start_agent()  # the old one has let go of its lock: its successor runs the new code
             return None
+        sock.settimeout(None)  # from here the command runs for as long as it runs
+        sock.sendall(COMMIT + b"\0")
         forward.accept()
         reply = _read_reply(sock)
+        if reply[:1] == REFUSED:
+            forward.unaccept()
+            return None
     except OSError:
         if forward is None or not forward.accepted:
             return None
         reply = b""
     finally:
+        if forward is not None:
+            forward.waiting = False
+        if forward is None or not forward.accepted:
+            sock.close()  # the agent lets go of what it holds for this command (its child, our descriptors)
         if forward is not None and not forward.accepted:
             for sig in FORWARDED:
                 _signal.signal(sig, _signal.SIG_DFL if sig != _signal.SIGINT else _signal.default_int_handler)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -97,3 +98,37 @@ def test_an_idle_agent_leaves(jobctl_runtime_dir: Path) -> None:
     assert agent.proc.wait(60) == 0  # by itself
     assert agent.stop() == 0
     assert not os.path.exists(agent_socket(jobctl_runtime_dir))
+
+
+def _own_jobs(server: Server) -> list[str]:
+    proc = subprocess.run([JOBCTL, "list", "--json"], env=server.env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [r["id"] for r in json.loads(proc.stdout)]
+
+
+def test_a_stopped_agent_holds_up_no_command_nor_runs_it_later(server: Server, jobctl_agent: Agent) -> None:
+    before = _own_jobs(server)  # through the agent: it is warm
+    os.kill(jobctl_agent.proc.pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.run(
+            [JOBCTL, "start", "--json", "--", "true"], env=server.env(), capture_output=True, timeout=60
+        )
+    finally:
+        os.kill(jobctl_agent.proc.pid, signal.SIGCONT)
+    assert proc.returncode == 0, proc.stderr  # run in-process once the agent had not answered
+    started = json.loads(proc.stdout)["id"]
+    after = _own_jobs(server)  # through the agent again, which has now read the request the front end gave up on
+    assert [j for j in after if j not in before] == [started]
+    assert jobctl_agent.stop() == 2  # the two lists; the start it never ran
+
+
+def test_a_socket_that_never_answers_holds_up_no_command(server: Server, jobctl_runtime_dir: Path) -> None:
+    import socket
+
+    path = agent_socket(jobctl_runtime_dir)
+    path.parent.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wedged:
+        wedged.bind(str(path))
+        wedged.listen(8)  # connections queue; nothing reads them
+        proc = subprocess.run([JOBCTL, "list", "--json"], env=server.env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) is not None, proc.stderr

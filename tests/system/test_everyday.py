@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -149,6 +150,7 @@ class FlakyProxy:
         self.port = self.listener.getsockname()[1]
         self.target_port = target_port
         self.conns: list[socket.socket] = []
+        self.silent: set[socket.socket] = set()  # what comes from these is dropped (a path that lost its state)
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -164,23 +166,36 @@ class FlakyProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         try:
             while data := a.recv(65536):
-                b.sendall(data)
+                if a not in self.silent:
+                    b.sendall(data)
         except OSError:
             pass
+        if a in self.silent or b in self.silent:  # a path that lost its state tells neither end anything
+            return
         for s in (a, b):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
+        """Reset every connection (RST to both ends)."""
         with self.lock:
             conns, self.conns = self.conns, []
+            self.silent.clear()
         for s in conns:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            # close() alone sends nothing while a _pipe thread is blocked in recv() on s (the kernel frees the
+            # socket when that call returns, which may be never): shutdown wakes it first
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RD)
             s.close()
+
+    def go_silent(self) -> None:
+        """Forward nothing more on the connections open now, and keep them open: neither end hears of it."""
+        with self.lock:
+            self.silent.update(self.conns)
 
     def close(self) -> None:
         self.listener.close()
@@ -210,6 +225,37 @@ def test_stream_timestamps_and_since(server: Server) -> None:
     assert early < moment < late, (early, moment, late)  # each line carries when the server read it
 
 
+class Drain:
+    """A child's stdout and stderr as they come, read with a deadline: a jobctl that never ends fails the test
+    with what it wrote (and is killed) rather than holding it until pytest's timeout."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], seconds: float = 120) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.deadline = time.monotonic() + seconds
+        self.sel = selectors.DefaultSelector()
+        self.got = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""}
+        self.out_fd, self.err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+        for fd in self.got:
+            self.sel.register(fd, selectors.EVENT_READ)
+
+    def until(self, done: Callable[[bytes, bytes], bool] | None) -> tuple[bytes, bytes]:
+        """Read until done(stdout, stderr) holds, or (done None) both have ended; what came so far."""
+        while self.sel.get_map() and not (done and done(self.got[self.out_fd], self.got[self.err_fd])):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"jobctl did not end: stdout {self.got[self.out_fd]!r}, stderr {self.got[self.err_fd]!r}")
+            for key, _ in self.sel.select(left):
+                data = os.read(key.fd, 65536)  # (not the Popen's buffered files: nothing is read ahead there)
+                if data:
+                    self.got[key.fd] += data
+                else:
+                    self.sel.unregister(key.fd)
+        return self.got[self.out_fd], self.got[self.err_fd]
+
+
 def test_stream_resumes_after_a_dropped_connection(server: Server) -> None:
     proxy = FlakyProxy(server.port)
     try:
@@ -221,15 +267,39 @@ def test_stream_resumes_after_a_dropped_connection(server: Server) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        assert watcher.stdout is not None
-        assert watcher.stdout.readline() == b"line-1\n"
+        output = Drain(watcher)
+        output.until(lambda out, _err: b"line-1\n" in out)
         time.sleep(0.5)
         proxy.cut()
-        out = watcher.stdout.read()  # (communicate() would skip what readline() buffered)
-        err = watcher.stderr.read()  # type: ignore[union-attr]
+        out, err = output.until(None)
         assert watcher.wait(60) == 0, err
-        assert b"line-1\n" + out == b"".join(b"line-%d\n" % i for i in range(1, 61))  # no gap, no repeat
+        assert out == b"".join(b"line-%d\n" % i for i in range(1, 61))  # no gap, no repeat
         assert b"was lost" in err and b"to resume at byte" in err and b"reconnected after" in err
+    finally:
+        proxy.close()
+
+
+def test_stream_resumes_after_its_connection_goes_silent(server: Server) -> None:
+    # a NAT or load balancer that lost the connection's state: no RST, no FIN, nothing comes any more; only
+    # jobctl's keepalive pings find out
+    proxy = FlakyProxy(server.port)
+    try:
+        job_id = ok(server, "start", "--", "sh", "-c", "echo first; exec sleep 600").strip()
+        watcher = subprocess.Popen(
+            [JOBCTL, "--target", f"127.0.0.1:{proxy.port}", "stream", "--id", job_id],
+            env=server.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        output = Drain(watcher)
+        output.until(lambda out, _err: b"first\n" in out)
+        proxy.go_silent()
+        output.until(lambda _out, err: b"was lost" in err)
+        ok(server, "stop", "--grace", "0", "--id", job_id)
+        out, err = output.until(None)
+        assert watcher.wait(60) == 0, err
+        assert out == b"first\n"
+        assert b"to resume at byte 6" in err and b"reconnected after" in err
     finally:
         proxy.close()
 
