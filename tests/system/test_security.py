@@ -327,3 +327,77 @@ def test_sighup_reopens_the_audit_log_after_rotation(tmp_path: Path, keys: Pki) 
     finally:
         assert srv.stop() == 0, srv.log()
         shutil.rmtree(srv.work_root, ignore_errors=True)
+
+
+# -- the connection reserve ------------------------------------------------------------------------------------------
+
+MAX_CONNECTIONS, RESERVED = 64, 8
+ATTACKS = 4
+SLOW_HANDSHAKE = 30  # seconds: long enough that only the reserve, not the handshake timeout, can let a client in
+
+
+def _closed_by_server(sockets: list[socket.socket]) -> list[socket.socket]:
+    """The sockets the server has closed (each reads EOF or a reset at once)."""
+    closed = []
+    for s in sockets:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed.append(s)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.append(s)
+    return closed
+
+
+def test_silent_connections_leave_the_reserve_to_clients_with_a_certificate(tmp_path: Path, keys: Pki) -> None:
+    # max-connections silent TCP connections: without the reserve grpc holds every one of them until the handshake
+    # timeout and closes every new connection at accept, so no client, certificate or not, can connect meanwhile.
+    srv = start_server(
+        tmp_path,
+        keys,
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--reserved-connections",
+        str(RESERVED),
+        "--handshake-timeout",
+        f"{SLOW_HANDSHAKE}s",
+    )
+    silent: list[socket.socket] = []
+    try:
+        established = srv.stub()
+        assert established.List(pb.ListRequest(), timeout=30) is not None  # authenticated before the flood
+        # an attacker who keeps max-connections silent connections open: it replaces each one the server closes,
+        # a few times over (as one reconnecting at every handshake timeout would)
+        for _ in range(ATTACKS):
+            for s in _closed_by_server(silent):
+                silent.remove(s)
+                s.close()
+            while len(silent) < MAX_CONNECTIONS:
+                silent.append(socket.create_connection(("127.0.0.1", srv.port), timeout=30))
+            time.sleep(0.5)  # the attacker's pace, not an assertion
+        # the server keeps only the unreserved part for them
+        _wait_for(lambda: len(_closed_by_server(silent)) >= RESERVED, "the silent ones beyond the reserve closed")
+        # a client with a certificate connects while the silent ones fill the unreserved part, and is served
+        creds = grpc.ssl_channel_credentials(
+            keys.ca.read_bytes(), keys.key("bob").read_bytes(), keys.cert("bob").read_bytes()
+        )
+        with grpc.secure_channel(srv.target, creds) as fresh:
+            stub = jobs_pb2_grpc.JobServiceStub(fresh)
+            job = stub.Start(pb.StartRequest(argv=[b"true"]), timeout=SLOW_HANDSHAKE / 2, wait_for_ready=True)
+            assert stub.Wait(pb.GetRequest(id=job.id), timeout=60).exit_code == 0
+            # the silent ones still fill the unreserved part (each new client pushes the oldest silent one out)
+            held = len(silent) - len(_closed_by_server(silent))
+            assert held >= (MAX_CONNECTIONS - RESERVED) // 2, f"only {held} silent connections were still open"
+            assert established.List(pb.ListRequest(), timeout=30) is not None  # not closed as if it were silent
+        assert "without an authenticated call over the" in srv.log()
+        # and the silent ones the server kept are closed at the handshake timeout
+        _wait_for(
+            lambda: len(_closed_by_server(silent)) == len(silent), "every silent connection closed", 3 * SLOW_HANDSHAKE
+        )
+    finally:
+        for s in silent:
+            s.close()
+        assert srv.stop() == 0, srv.log()
+        shutil.rmtree(srv.work_root, ignore_errors=True)
