@@ -333,7 +333,7 @@ def test_sighup_reopens_the_audit_log_after_rotation(tmp_path: Path, keys: Pki) 
 
 MAX_CONNECTIONS, RESERVED = 64, 8
 ATTACKS = 4
-SLOW_HANDSHAKE = 30  # seconds: long enough that only the reserve, not the handshake timeout, can let a client in
+SLOW_HANDSHAKE = 45  # seconds: long enough that only the reserve, not the handshake timeout, can let a client in
 
 
 def _closed_by_server(sockets: list[socket.socket]) -> list[socket.socket]:
@@ -370,6 +370,7 @@ def test_silent_connections_leave_the_reserve_to_clients_with_a_certificate(tmp_
         assert established.List(pb.ListRequest(), timeout=30) is not None  # authenticated before the flood
         # an attacker who keeps max-connections silent connections open: it replaces each one the server closes,
         # a few times over (as one reconnecting at every handshake timeout would)
+        attack_began = time.monotonic()
         for _ in range(ATTACKS):
             for s in _closed_by_server(silent):
                 silent.remove(s)
@@ -389,7 +390,9 @@ def test_silent_connections_leave_the_reserve_to_clients_with_a_certificate(tmp_
             assert stub.Wait(pb.GetRequest(id=job.id), timeout=60).exit_code == 0
             # the silent ones still fill the unreserved part (each new client pushes the oldest silent one out)
             held = len(silent) - len(_closed_by_server(silent))
-            assert held >= (MAX_CONNECTIONS - RESERVED) // 2, f"only {held} silent connections were still open"
+            # (unless the machine was so slow that the first silent ones reached the handshake timeout meanwhile)
+            timed_out = time.monotonic() - attack_began >= SLOW_HANDSHAKE
+            assert held >= (MAX_CONNECTIONS - RESERVED) // 2 or timed_out, f"only {held} silent connections open"
             assert established.List(pb.ListRequest(), timeout=30) is not None  # not closed as if it were silent
         assert "without an authenticated call over the" in srv.log()
         # and the silent ones the server kept are closed at the handshake timeout
