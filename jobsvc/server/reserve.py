@@ -4,12 +4,17 @@ not reserved, so that clients with a certificate can still connect while a flood
 grpc core (1.85) counts only all connections together (grpc.max_allowed_incoming_connections) and has no channel
 argument for pending handshakes, and grpcio cannot accept from a socket it is given; relaying every byte through
 jobsvc to a private grpc port costs 6-15% of the streaming throughput (measured), too much for a default. So grpc
-keeps its listener and every connection, and this watcher sits beside it: each time the listener is woken by new
-connections it lists the server's established TCP connections from the kernel (sock_diag, filtered to the
-listening port), and when those that have made no authenticated call exceed the unreserved part it shuts the excess
-down, those that never sent a byte first, then the oldest. grpc sees the shutdown as the client closing and lets
-the connection go. A connection counts as authenticated from its first call with a verified, allowed certificate
-(IdentityInterceptor tells this watcher the call's peer address).
+keeps its listener and every connection, and this sweep runs beside it on the event loop, every SWEEP_PERIOD: it
+lists the server's established TCP connections from the kernel (sock_diag, filtered to the listening port; where
+the kernel has no inet_diag, /proc/net/tcp and tcp6), and when those that have made no authenticated call exceed the
+unreserved part it shuts the excess down, those that never sent a byte first, then the oldest. grpc sees the
+shutdown as the client closing and lets the connection go. A connection counts as authenticated from its first call
+with a verified, allowed certificate (IdentityInterceptor tells the reserve the call's peer address).
+
+Why a period and not a wake-up by the listener: an epoll edge on grpc's listening socket is lost whenever grpc's
+own poller accepts the connection first (epoll re-checks the listener when it reports, finds the accept queue
+empty and drops the event), which is the usual case; it was the only trigger once, and in a slow VM guest it never
+fired after the first burst.
 """
 
 from __future__ import annotations
@@ -18,12 +23,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 log = logging.getLogger("jobsvc.server")
 
@@ -35,25 +39,34 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _INET_DIAG_REQ_BYTECODE = 1
 _INET_DIAG_INFO = 2
 _BC_S_GE, _BC_S_LE = 2, 3
-_TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+TCP_ESTABLISHED, TCP_LISTEN = 1, 10
 _TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info (kernel 4.1 and newer)
 
-# A burst of new connections is swept once: the first wake-up waits this long for the rest of the burst.
-SWEEP_DELAY = 0.02
+# How often the connections are counted: how long a flood may hold the reserve before its excess is shut down.
+SWEEP_PERIOD = 0.5
 
 
 @dataclass(frozen=True)
 class Connection:
-    """One established connection to the server's port, as the kernel lists it."""
+    """One connection to the server's port (or its listening socket), as the kernel lists it."""
 
     peer: str  # as grpc names it in context.peer(): ipv4:1.2.3.4:5678, ipv6:[::1]:5678
     inode: int  # of the server's socket (0 while it waits in the accept queue)
     received: int  # bytes the client has sent (0: a silent connection)
 
 
+# How the connections of a port in a state are listed: listed() (sock_diag) or listed_in_proc() (/proc/net/tcp*).
+Lister = Callable[[int, int], list[Connection]]
+
+
 def reserve_default(max_connections: int) -> int:
     """The default reserve: an eighth of the connections (at least one when there are two or more)."""
     return max(1 if max_connections > 1 else 0, max_connections // 8)
+
+
+def pending(connections: Sequence[Connection], authenticated: set[str]) -> list[Connection]:
+    """The connections grpc holds (accepted) that have made no authenticated call."""
+    return [c for c in connections if c.peer not in authenticated and c.inode]
 
 
 def excess(
@@ -62,12 +75,12 @@ def excess(
     """The unauthenticated connections beyond `unreserved`, in the order they should go: silent ones before those
     that have spoken, and among each the oldest first (an attacker's older connections before a client that has
     only just begun its handshake)."""
-    pending = [c for c in connections if c.peer not in authenticated and c.inode]
-    over = len(pending) - unreserved
+    waiting = pending(connections, authenticated)
+    over = len(waiting) - unreserved
     if over <= 0:
         return []
-    pending.sort(key=lambda c: (c.received > 0, first_seen.get(c.inode, 0.0)))
-    return pending[:over]
+    waiting.sort(key=lambda c: (c.received > 0, first_seen.get(c.inode, 0.0)))
+    return waiting[:over]
 
 
 def _peer(family: int, address: bytes, port: int) -> str:
@@ -77,6 +90,9 @@ def _peer(family: int, address: bytes, port: int) -> str:
             return f"ipv4:{ip[7:]}:{port}"
         return f"ipv6:[{ip}]:{port}"
     return f"ipv4:{socket.inet_ntop(socket.AF_INET, address[:4])}:{port}"
+
+
+# -- sock_diag ----------------------------------------------------------------------------------------------------
 
 
 def _request(family: int, port: int, state: int) -> bytes:
@@ -117,8 +133,9 @@ def _parse(data: bytes, into: list[Connection]) -> bool:
     return False
 
 
-def listed(port: int, state: int = _TCP_ESTABLISHED) -> list[Connection]:
-    """The TCP sockets of this host in `state` whose local port is `port`, IPv4 and IPv6 (sock_diag)."""
+def listed(port: int, state: int = TCP_ESTABLISHED) -> list[Connection]:
+    """The TCP sockets of this host in `state` whose local port is `port`, IPv4 and IPv6 (sock_diag). OSError when
+    the kernel cannot answer (no inet_diag or tcp_diag: EPROTONOSUPPORT, ENOENT)."""
     found: list[Connection] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as nl:
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -126,6 +143,49 @@ def listed(port: int, state: int = _TCP_ESTABLISHED) -> list[Connection]:
             while not _parse(nl.recv(1 << 16), found):
                 pass
     return found
+
+
+# -- /proc/net/tcp, where the kernel has no inet_diag ---------------------------------------------------------------
+
+
+def _proc_address(family: int, text: str) -> tuple[bytes, int]:
+    """An address and port of /proc/net/tcp{,6}: hex of 32-bit words in the host's byte order, ':', a hex port."""
+    address, port = text.split(":")
+    words = [int(address[i : i + 8], 16) for i in range(0, len(address), 8)]
+    return b"".join(struct.pack("=I", w) for w in words), int(port, 16)
+
+
+def parse_proc_tcp(text: str, family: int, port: int, state: int) -> list[Connection]:
+    """The sockets of one /proc/net/tcp (AF_INET) or tcp6 (AF_INET6) table in `state` on local port `port`. The
+    table does not say how many bytes a client sent: `received` is 0 (with_received() fills it in)."""
+    found = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or int(fields[3], 16) != state:
+            continue
+        if _proc_address(family, fields[1])[1] != port:
+            continue
+        address, remote_port = _proc_address(family, fields[2])
+        found.append(Connection(_peer(family, address, remote_port), int(fields[9]), 0))
+    return found
+
+
+def listed_in_proc(port: int, state: int = TCP_ESTABLISHED) -> list[Connection]:
+    """As listed(), from /proc/net/tcp and /proc/net/tcp6 (a table without IPv6 is skipped); `received` is 0."""
+    found: list[Connection] = []
+    for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        try:
+            with open(path) as table:
+                text = table.read()
+        except FileNotFoundError:
+            if family == socket.AF_INET:
+                raise
+            continue
+        found += parse_proc_tcp(text, family, port, state)
+    return found
+
+
+# -- this process's sockets ---------------------------------------------------------------------------------------
 
 
 def socket_fds(inodes: Iterable[int]) -> dict[int, int]:
@@ -140,38 +200,78 @@ def socket_fds(inodes: Iterable[int]) -> dict[int, int]:
     return fds
 
 
-def shut_down(fd: int, inode: int) -> bool:
-    """Shut the socket at fd down (its owner, grpc, sees the peer gone and closes it) if fd still is that socket."""
+@contextlib.contextmanager
+def _held(fd: int, inode: int) -> Iterator[socket.socket | None]:
+    """The socket at fd, duplicated so that it stays the same socket, or None when fd no longer is that socket."""
     try:
-        dup = os.dup(fd)  # holds the socket: fd may be closed and reused meanwhile
+        dup = os.dup(fd)  # fd may be closed and reused meanwhile: the duplicate holds the socket
     except OSError:
-        return False
+        yield None
+        return
     try:
         if os.fstat(dup).st_ino != inode:
-            return False
-        with socket.socket(fileno=os.dup(dup)) as s:
-            s.shutdown(socket.SHUT_RDWR)
-        return True
+            os.close(dup)
+            yield None
+            return
     except OSError:
-        return False
-    finally:
         os.close(dup)
+        yield None
+        return
+    with socket.socket(fileno=dup) as s:
+        yield s
+
+
+def bytes_received(fd: int, inode: int) -> int | None:
+    """tcpi_bytes_received of the socket at fd (None when fd is no longer that socket)."""
+    with _held(fd, inode) as s:
+        if s is None:
+            return None
+        with contextlib.suppress(OSError):
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            if len(info) >= _TCPI_BYTES_RECEIVED + 8:
+                received: int = struct.unpack_from("=Q", info, _TCPI_BYTES_RECEIVED)[0]
+                return received
+        return None
+
+
+def with_received(connections: Sequence[Connection], fds: dict[int, int]) -> list[Connection]:
+    """The connections with `received` read from each socket this process holds (for listed_in_proc())."""
+    out = []
+    for c in connections:
+        received = bytes_received(fds[c.inode], c.inode) if c.inode in fds else None
+        out.append(c if received is None else replace(c, received=received))
+    return out
+
+
+def shut_down(fd: int, inode: int) -> bool:
+    """Shut the socket at fd down (its owner, grpc, sees the peer gone and closes it) if fd still is that socket."""
+    with _held(fd, inode) as s:
+        if s is None:
+            return False
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
 
 
 class ConnectionReserve:
     """Keeps connections without an authenticated call to max_connections - reserved (see the module's doc)."""
 
-    def __init__(self, max_connections: int, reserved: int) -> None:
+    def __init__(
+        self, max_connections: int, reserved: int, lister: Lister | None = None, period: float = SWEEP_PERIOD
+    ) -> None:
         if not 0 < reserved < max_connections:
             raise ValueError(f"the reserve ({reserved}) must be at least 1 and less than the connections allowed")
         self.unreserved = max_connections - reserved
         self.reserved = reserved
+        self.lister: Lister = lister or listed  # None: sock_diag, or /proc/net/tcp* where the kernel lacks it
+        self.period = period
         self._authenticated: set[str] = set()
         self._first_seen: dict[int, float] = {}
         self._port = 0
-        self._epoll: select.epoll | None = None
-        self._listener = -1
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._failing = ""  # the error the last sweep logged, so that a lasting one is logged once
         self.closed = 0  # connections shut down so far (for the log and the tests)
 
     def admit(self, peer: str) -> None:
@@ -179,67 +279,84 @@ class ConnectionReserve:
         if peer not in self._authenticated:
             self._authenticated.add(peer)
 
-    def watch(self, port: int) -> None:
-        """Sweep whenever grpc's listener on port is woken by a new connection (call once the server started)."""
-        listeners = socket_fds(c.inode for c in listed(port, _TCP_LISTEN))
-        if not listeners:
-            raise RuntimeError(f"no listening socket of this process on port {port}")
+    def watch(self, port: int) -> bool:
+        """Sweep every period from now on (call on the event loop, once the server listens on port). False, with one
+        error line in the log, when this process's listener cannot be found by any means (then there is no
+        reserve: nothing is swept)."""
         self._port = port
-        self._epoll = select.epoll()
-        for fd in listeners.values():
-            # edge-triggered: one wake-up per arrival, whether grpc has accepted it already or not
-            self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
-        asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._woken)
+        problems = []
+        for lister in dict.fromkeys([self.lister, listed_in_proc]):
+            try:
+                found = bool(socket_fds(c.inode for c in lister(port, TCP_LISTEN)))
+            except OSError as e:
+                problems.append(f"{_name(lister)}: {e}")
+                continue
+            if found:
+                self.lister = lister
+                break
+            problems.append(f"{_name(lister)}: this process's listener on port {port} is not listed")
+        else:
+            log.error(
+                "connection reserve unavailable (%s): nothing but --max-connections bounds them", "; ".join(problems)
+            )
+            return False
+        if problems:
+            log.warning("connection reserve: %s; listing connections from /proc/net/tcp instead", "; ".join(problems))
+        self._timer = asyncio.get_running_loop().call_later(self.period, self._tick)
         log.info(
-            "connections without an authenticated call: at most %d (%d more reserved for authenticated ones)",
+            "connections without an authenticated call: at most %d (%d more reserved for authenticated ones), "
+            "counted every %g s from %s",
             self.unreserved,
             self.reserved,
+            self.period,
+            _name(self.lister),
         )
+        return True
 
     def close(self) -> None:
-        if self._epoll is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _woken(self) -> None:
-        assert self._epoll is not None
-        self._epoll.poll(0)  # consume the edge
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(SWEEP_DELAY, self._sweep_now)
-
-    def _sweep_now(self) -> None:
-        self._scheduled = False
+    def _tick(self) -> None:
         try:
             self.sweep()
-        except OSError as e:
-            log.error("connection reserve: cannot list connections: %s", e)
+            self._failing = ""
+        except Exception as e:  # a sweep that fails now may not next time; the server goes on either way
+            if str(e) != self._failing:
+                log.error("connection reserve: a sweep failed (logged once until it changes): %r", e)
+                self._failing = str(e)
+        self._timer = asyncio.get_running_loop().call_later(self.period, self._tick)
 
     def sweep(self) -> list[Connection]:
         """Shut down the unauthenticated connections beyond the unreserved part; the ones shut down."""
         now = time.monotonic()
-        connections = listed(self._port)
+        connections = self.lister(self._port, TCP_ESTABLISHED)
         present = {c.peer for c in connections}
         self._authenticated &= present  # a closed connection's address may come back as someone else's
-        inodes = {c.inode for c in connections}
-        self._first_seen = {i: self._first_seen.get(i, now) for i in inodes}
-        victims = excess(connections, self._authenticated, self._first_seen, self.unreserved)
-        if any(not c.inode for c in connections) and not self._scheduled:
-            # some still wait in the accept queue, uncounted: look again once grpc has taken them
-            self._scheduled = True
-            asyncio.get_running_loop().call_later(SWEEP_DELAY, self._sweep_now)
-        if not victims:
+        self._first_seen = {c.inode: self._first_seen.get(c.inode, now) for c in connections}
+        waiting = pending(connections, self._authenticated)
+        if len(waiting) <= self.unreserved:
             return []
-        fds = socket_fds(c.inode for c in victims)
+        fds = socket_fds(c.inode for c in waiting)
+        if self.lister is not listed:  # /proc/net/tcp does not tell the silent ones: ask each socket
+            waiting = with_received(waiting, fds)
+        victims = excess(waiting, set(), self._first_seen, self.unreserved)
         done = [c for c in victims if c.inode in fds and shut_down(fds[c.inode], c.inode)]
         self.closed += len(done)
         log.warning(
             "%d connections without an authenticated call over the %d allowed: closed %d (%d silent)",
-            len(victims) + self.unreserved,
+            len(waiting),
             self.unreserved,
             len(done),
             sum(1 for c in done if not c.received),
         )
         return done
+
+
+def _name(lister: Lister) -> str:
+    if lister is listed:
+        return "sock_diag"
+    if lister is listed_in_proc:
+        return "/proc/net/tcp"
+    return str(getattr(lister, "__name__", lister))

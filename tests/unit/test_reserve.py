@@ -1,13 +1,34 @@
-"""The connection reserve's choice of connections to close, and its view of the kernel's connections."""
+"""The connection reserve: its choice of connections to close, its two views of the kernel's connections (sock_diag
+and /proc/net/tcp), and its periodic sweep against a listener whose connections another thread accepts at once."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from jobsvc.server.reserve import Connection, ConnectionReserve, excess, listed, reserve_default, shut_down, socket_fds
+from jobsvc.server.reserve import (
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    Connection,
+    ConnectionReserve,
+    Lister,
+    excess,
+    listed,
+    listed_in_proc,
+    parse_proc_tcp,
+    reserve_default,
+    shut_down,
+    socket_fds,
+    with_received,
+)
 
 
 def conn(port: int, inode: int, received: int = 0) -> Connection:
@@ -41,29 +62,176 @@ def test_the_default_reserve_and_its_bounds() -> None:
     assert ConnectionReserve(64, 8).unreserved == 56
 
 
-def test_the_kernel_lists_this_ports_connections_with_their_peer_and_bytes() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        quiet = socket.create_connection(("127.0.0.1", port))
-        talker = socket.create_connection(("127.0.0.1", port))
-        a, _ = server.accept()
-        b, _ = server.accept()
-        talker.sendall(b"hello")
-        assert b.recv(5) == b"hello"
-        try:
-            found = {c.peer: c for c in listed(port)}
-            q, t = (f"ipv4:127.0.0.1:{s.getsockname()[1]}" for s in (quiet, talker))
-            assert set(found) == {q, t}  # the server's sockets only, not the clients' ends
-            assert (found[q].received, found[t].received) == (0, 5)
-            assert {found[q].inode, found[t].inode} == {os.fstat(a.fileno()).st_ino, os.fstat(b.fileno()).st_ino}
-            fds = socket_fds([found[q].inode])
-            assert fds == {found[q].inode: a.fileno()}
-            # shutting one down is seen by its client; a descriptor that is no longer that socket is left alone
-            assert not shut_down(b.fileno(), found[q].inode)
-            assert shut_down(a.fileno(), found[q].inode)
-            assert quiet.recv(1) == b""
-            talker.sendall(b"!")
-            assert b.recv(1) == b"!"
-        finally:
-            for s in (quiet, talker, a, b):
-                s.close()
+# Recorded on this x86-64 host (kernel 6.18): a listener on 127.0.0.1:45087 with one client, and a dual-stack
+# listener on [::]:33379 with a client from ::1 and one from 127.0.0.1 (v4-mapped); each table also holds the
+# clients' own ends, whose local port is theirs.
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:B01F 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2087945 1 00000000364b79f5 100 0 0 10 0
+   2: 0100007F:DB24 0100007F:8263 01 00000000:00000000 00:00000000 00000000     0        0 2087950 2 000000002417eb7a 20 0 0 10 -1
+ 404: 0100007F:B01F 0100007F:A6DC 01 00000000:00000000 00:00000000 00000000     0        0 2087949 1 000000003e8dd69e 20 0 0 10 -1
+ 405: 0100007F:A6DC 0100007F:B01F 01 00000000:00000000 00:00000000 00000000     0        0 2087948 2 00000000b30d8ff6 20 0 0 10 -1
+"""  # noqa: E501
+PROC_NET_TCP6 = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:8263 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2087947 1 000000005f93c184 100 0 0 10 0
+   1: 00000000000000000000000001000000:8263 00000000000000000000000001000000:B404 01 00000000:00000000 00:00000000 00000000     0        0 2087953 1 000000008b85fa29 20 0 0 10 -1
+   2: 00000000000000000000000001000000:B404 00000000000000000000000001000000:8263 01 00000000:00000000 00:00000000 00000000     0        0 2087952 2 00000000c808ba14 20 0 0 10 -1
+   3: 0000000000000000FFFF00000100007F:8263 0000000000000000FFFF00000100007F:DB24 01 00000000:00000000 00:00000000 00000000     0        0 2087951 1 00000000b5a03ecd 20 0 0 10 -1
+"""  # noqa: E501
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="the tables were recorded on a little-endian host")
+def test_a_recorded_proc_net_tcp_is_read_as_grpc_names_its_peers() -> None:
+    assert parse_proc_tcp(PROC_NET_TCP, socket.AF_INET, 45087, TCP_ESTABLISHED) == [
+        Connection("ipv4:127.0.0.1:42716", 2087949, 0)
+    ]
+    assert parse_proc_tcp(PROC_NET_TCP, socket.AF_INET, 45087, TCP_LISTEN) == [Connection("ipv4:0.0.0.0:0", 2087945, 0)]
+    assert parse_proc_tcp(PROC_NET_TCP6, socket.AF_INET6, 33379, TCP_ESTABLISHED) == [
+        Connection("ipv6:[::1]:46084", 2087953, 0),
+        Connection("ipv4:127.0.0.1:56100", 2087951, 0),  # a v4 client of the dual-stack listener
+    ]
+    assert parse_proc_tcp(PROC_NET_TCP, socket.AF_INET, 33379, TCP_ESTABLISHED) == []  # only the client's end
+
+
+class Clients:
+    """A listener on 127.0.0.1 whose connections a thread accepts the moment they arrive (as grpc's poller does,
+    which leaves an epoll on the listener nothing to report), and the clients' ends."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.clients: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def connect(self, first_bytes: bytes = b"") -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        if first_bytes:
+            client.sendall(first_bytes)
+        self.clients.append(client)
+        return client
+
+    def peer(self, client: socket.socket) -> str:
+        return f"ipv4:127.0.0.1:{client.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept()
+        self._thread.join(10)
+        for s in [self.listener, *self.accepted, *self.clients]:
+            s.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    c = Clients()
+    yield c
+    c.close()
+
+
+def closed_by_server(client: socket.socket) -> bool:
+    client.setblocking(False)
+    try:
+        return client.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_both_listings_see_this_ports_connections_with_their_peer_and_bytes(clients: Clients) -> None:
+    quiet, talker = clients.connect(), clients.connect(b"hello")
+    wait_until(lambda: len(clients.accepted) == 2, "accepted")
+    a, b = clients.accepted
+    wait_until(lambda: {c.received for c in listed(clients.port)} == {0, 5}, "the talker's bytes in tcp_info")
+    by_diag = {c.peer: c for c in listed(clients.port)}
+    q, t = clients.peer(quiet), clients.peer(talker)
+    assert set(by_diag) == {q, t}  # the server's sockets only, not the clients' ends
+    assert {by_diag[q].inode, by_diag[t].inode} == {os.fstat(a.fileno()).st_ino, os.fstat(b.fileno()).st_ino}
+    assert (by_diag[q].received, by_diag[t].received) == (0, 5)
+    # /proc/net/tcp lists the same sockets; the bytes come from each socket this process holds
+    in_proc = listed_in_proc(clients.port)
+    assert {(c.peer, c.inode) for c in in_proc} == {(c.peer, c.inode) for c in by_diag.values()}
+    fds = socket_fds(c.inode for c in in_proc)
+    assert set(fds.values()) == {a.fileno(), b.fileno()}
+    assert {c.peer: c.received for c in with_received(in_proc, fds)} == {q: 0, t: 5}
+    # and both find the listener
+    listener = os.fstat(clients.listener.fileno()).st_ino
+    assert [c.inode for c in listed(clients.port, TCP_LISTEN)] == [c.inode for c in listed_in_proc(clients.port, 10)]
+    assert [c.inode for c in listed(clients.port, TCP_LISTEN)] == [listener]
+
+
+def test_a_socket_is_shut_down_only_through_a_descriptor_that_still_is_it(clients: Clients) -> None:
+    quiet, talker = clients.connect(), clients.connect()
+    wait_until(lambda: len(clients.accepted) == 2, "accepted")
+    a, b = clients.accepted
+    inode = os.fstat(a.fileno()).st_ino
+    assert not shut_down(b.fileno(), inode)
+    assert shut_down(a.fileno(), inode)
+    quiet.settimeout(10)
+    assert quiet.recv(1) == b""
+    talker.sendall(b"!")
+    assert b.recv(1) == b"!"
+
+
+@pytest.mark.parametrize("lister", [listed, listed_in_proc], ids=["sock_diag", "proc"])
+async def test_the_periodic_sweep_closes_the_excess_that_no_listener_wake_up_reports(
+    clients: Clients, lister: Lister
+) -> None:
+    reserve = ConnectionReserve(8, 2, lister=lister, period=0.05)  # 6 connections without authentication
+    assert reserve.watch(clients.port)
+    try:
+        authed = clients.connect(b"a handshake and a call")
+        reserve.admit(clients.peer(authed))
+        talker = clients.connect(b"a handshake")
+        silent = [clients.connect() for _ in range(9)]
+        # 10 without an authenticated call: the 4 over go, all of them silent ones
+        await asyncio.to_thread(
+            wait_until, lambda: sum(map(closed_by_server, silent)) >= 4, "the excess was not shut down"
+        )
+        assert reserve.sweep() == []  # nothing is over any more
+        assert sum(map(closed_by_server, silent)) == 4 == reserve.closed
+        assert not closed_by_server(authed) and not closed_by_server(talker)
+    finally:
+        reserve.close()
+
+
+async def test_without_sock_diag_the_reserve_lists_from_proc_and_says_so(
+    clients: Clients, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_diag(port: int, state: int) -> list[Connection]:
+        raise OSError(2, "sock_diag: No such file or directory")
+
+    reserve = ConnectionReserve(8, 2, lister=no_diag, period=0.05)
+    with caplog.at_level(logging.INFO, "jobsvc.server"):
+        assert reserve.watch(clients.port)
+    reserve.close()
+    assert reserve.lister is listed_in_proc
+    assert "sock_diag: No such file or directory; listing connections from /proc/net/tcp instead" in caplog.text
+
+
+async def test_a_reserve_that_cannot_find_its_listener_says_it_is_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # a port nobody listens on
+        reserve = ConnectionReserve(8, 2, period=0.05)
+        with caplog.at_level(logging.INFO, "jobsvc.server"):
+            assert not reserve.watch(unused.getsockname()[1])
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("connection reserve unavailable (sock_diag: ")
