@@ -157,7 +157,7 @@ def _proc_address(family: int, text: str) -> tuple[bytes, int]:
 
 def parse_proc_tcp(text: str, family: int, port: int, state: int) -> list[Connection]:
     """The sockets of one /proc/net/tcp (AF_INET) or tcp6 (AF_INET6) table in `state` on local port `port`. The
-    table does not say how many bytes a client sent: `received` is 0 (with_received() fills it in)."""
+    table does not say how many bytes a client sent: `received` is 0 (held_now() asks each socket)."""
     found = []
     for line in text.splitlines()[1:]:
         fields = line.split()
@@ -221,26 +221,33 @@ def _held(fd: int, inode: int) -> Iterator[socket.socket | None]:
         yield s
 
 
-def bytes_received(fd: int, inode: int) -> int | None:
-    """tcpi_bytes_received of the socket at fd (None when fd is no longer that socket)."""
+def tcp_state(fd: int, inode: int) -> tuple[int, int] | None:
+    """(tcpi_state, tcpi_bytes_received) of the socket at fd; None when fd is no longer that socket."""
     with _held(fd, inode) as s:
         if s is None:
             return None
-        with contextlib.suppress(OSError):
+        try:
             info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-            if len(info) >= _TCPI_BYTES_RECEIVED + 8:
-                received: int = struct.unpack_from("=Q", info, _TCPI_BYTES_RECEIVED)[0]
-                return received
-        return None
+        except OSError:
+            return None
+        if len(info) < _TCPI_BYTES_RECEIVED + 8:
+            return None
+        received: int = struct.unpack_from("=Q", info, _TCPI_BYTES_RECEIVED)[0]
+        return info[0], received
 
 
-def with_received(connections: Sequence[Connection], fds: dict[int, int]) -> list[Connection]:
-    """The connections with `received` read from each socket this process holds (for listed_in_proc())."""
-    out = []
+def held_now(connections: Sequence[Connection], fds: dict[int, int]) -> list[Connection]:
+    """Of the connections listed, those this process holds that are still established, each once, with the bytes
+    their client has sent as the socket tells them now. A listing is not a snapshot (a dump, like /proc/net/tcp,
+    is read in parts while connections come and go, and may name one twice or name one since closed), so nothing
+    is shut down on the listing's word alone."""
+    out: dict[int, Connection] = {}
     for c in connections:
-        received = bytes_received(fds[c.inode], c.inode) if c.inode in fds else None
-        out.append(c if received is None else replace(c, received=received))
-    return out
+        if c.inode in fds and c.inode not in out:
+            now = tcp_state(fds[c.inode], c.inode)
+            if now is not None and now[0] == TCP_ESTABLISHED:
+                out[c.inode] = replace(c, received=now[1])
+    return list(out.values())
 
 
 def shut_down(fd: int, inode: int) -> bool:
@@ -267,7 +274,9 @@ class ConnectionReserve:
         self.reserved = reserved
         self.lister: Lister = lister or listed  # None: sock_diag, or /proc/net/tcp* where the kernel lacks it
         self.period = period
-        self._authenticated: set[str] = set()
+        # peer -> the inode of the connection that made an authenticated call (0 until a sweep has seen it)
+        self._authenticated: dict[str, int] = {}
+        self._unseen: set[str] = set()  # authenticated peers the last listing did not name
         self._first_seen: dict[int, float] = {}
         self._port = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -276,8 +285,7 @@ class ConnectionReserve:
 
     def admit(self, peer: str) -> None:
         """A call from peer passed the identity check: its connection may use the reserve."""
-        if peer not in self._authenticated:
-            self._authenticated.add(peer)
+        self._authenticated.setdefault(peer, 0)
 
     def watch(self, port: int) -> bool:
         """Sweep every period from now on (call on the event loop, once the server listens on port). False, with one
@@ -328,20 +336,39 @@ class ConnectionReserve:
                 self._failing = str(e)
         self._timer = asyncio.get_running_loop().call_later(self.period, self._tick)
 
+    def _settle(self, named: dict[str, int]) -> set[str]:
+        """The authenticated peers among those listed (peer -> inode). A peer is forgotten when a listing names it
+        with another connection (its address came back as someone else's) or when two listings in a row do not
+        name it (one may skip a connection: it is read while connections come and go)."""
+        for peer, inode in list(self._authenticated.items()):
+            now = named.get(peer)
+            if now is None:
+                if peer in self._unseen:
+                    del self._authenticated[peer]
+                    self._unseen.discard(peer)
+                else:
+                    self._unseen.add(peer)
+            elif inode in (0, now):
+                self._authenticated[peer] = now
+                self._unseen.discard(peer)
+            else:
+                del self._authenticated[peer]
+                self._unseen.discard(peer)
+        return set(self._authenticated)
+
     def sweep(self) -> list[Connection]:
         """Shut down the unauthenticated connections beyond the unreserved part; the ones shut down."""
         now = time.monotonic()
         connections = self.lister(self._port, TCP_ESTABLISHED)
-        present = {c.peer for c in connections}
-        self._authenticated &= present  # a closed connection's address may come back as someone else's
         self._first_seen = {c.inode: self._first_seen.get(c.inode, now) for c in connections}
-        waiting = pending(connections, self._authenticated)
+        waiting = pending(connections, self._settle({c.peer: c.inode for c in connections if c.inode}))
         if len(waiting) <= self.unreserved:
             return []
         fds = socket_fds(c.inode for c in waiting)
-        if self.lister is not listed:  # /proc/net/tcp does not tell the silent ones: ask each socket
-            waiting = with_received(waiting, fds)
+        waiting = held_now(waiting, fds)
         victims = excess(waiting, set(), self._first_seen, self.unreserved)
+        if not victims:
+            return []
         done = [c for c in victims if c.inode in fds and shut_down(fds[c.inode], c.inode)]
         self.closed += len(done)
         log.warning(

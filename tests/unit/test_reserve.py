@@ -21,13 +21,13 @@ from jobsvc.server.reserve import (
     ConnectionReserve,
     Lister,
     excess,
+    held_now,
     listed,
     listed_in_proc,
     parse_proc_tcp,
     reserve_default,
     shut_down,
     socket_fds,
-    with_received,
 )
 
 
@@ -169,7 +169,7 @@ def test_both_listings_see_this_ports_connections_with_their_peer_and_bytes(clie
     assert {(c.peer, c.inode) for c in in_proc} == {(c.peer, c.inode) for c in by_diag.values()}
     fds = socket_fds(c.inode for c in in_proc)
     assert set(fds.values()) == {a.fileno(), b.fileno()}
-    assert {c.peer: c.received for c in with_received(in_proc, fds)} == {q: 0, t: 5}
+    assert {c.peer: c.received for c in held_now(in_proc + in_proc, fds)} == {q: 0, t: 5}  # each once
     # and both find the listener
     listener = os.fstat(clients.listener.fileno()).st_ino
     assert [c.inode for c in listed(clients.port, TCP_LISTEN)] == [c.inode for c in listed_in_proc(clients.port, 10)]
@@ -235,3 +235,44 @@ async def test_a_reserve_that_cannot_find_its_listener_says_it_is_unavailable(
             assert not reserve.watch(unused.getsockname()[1])
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("connection reserve unavailable (sock_diag: ")
+
+
+async def test_a_listing_that_names_connections_twice_or_skips_one_closes_no_more_than_the_excess(
+    clients: Clients,
+) -> None:
+    # /proc/net/tcp and dumps are read in parts while connections come and go: a connection may be named twice, or
+    # missed. Here every connection is named twice, and the authenticated one is missing from every other listing.
+    authed = clients.connect(b"a handshake and a call")
+    skipped = {"now": False}
+
+    def unsteady(port: int, state: int) -> list[Connection]:
+        found = listed(port, state)
+        if state == TCP_ESTABLISHED:
+            skipped["now"] = not skipped["now"]
+            if skipped["now"]:
+                found = [c for c in found if c.peer != clients.peer(authed)]
+        return found + found
+
+    reserve = ConnectionReserve(8, 2, lister=unsteady, period=0.05)
+    assert reserve.watch(clients.port)
+    try:
+        reserve.admit(clients.peer(authed))
+        silent = [clients.connect() for _ in range(8)]
+        await asyncio.to_thread(
+            wait_until, lambda: sum(map(closed_by_server, silent)) >= 2, "the excess was not shut down"
+        )
+        for _ in range(4):  # listings with and without the authenticated one
+            assert reserve.sweep() == []
+        assert sum(map(closed_by_server, silent)) == 2 == reserve.closed
+        assert not closed_by_server(authed)
+    finally:
+        reserve.close()
+
+
+def test_an_authenticated_address_that_comes_back_on_another_connection_is_not_authenticated() -> None:
+    reserve = ConnectionReserve(3, 1)  # 2 without authentication
+    first, *others = [conn(1, 11, 100), conn(2, 12), conn(3, 13)]
+    reserve.admit(first.peer)
+    assert reserve._settle({c.peer: c.inode for c in [first, *others]}) == {first.peer}
+    again = conn(1, 21)  # the same address, another socket
+    assert reserve._settle({c.peer: c.inode for c in [again, *others]}) == set()
