@@ -355,8 +355,13 @@ def _closed_by_server(sockets: list[socket.socket]) -> list[socket.socket]:
 
 
 def _wait_until(condition: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
-    while not condition():
+    """Until condition holds, which it must before deadline: the time is read after each look, so what it saw
+    happened before then."""
+    while True:
+        met = condition()
         assert time.monotonic() < deadline, what()
+        if met:
+            return
         time.sleep(0.05)
 
 
