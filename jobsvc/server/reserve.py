@@ -185,6 +185,16 @@ def listed_in_proc(port: int, state: int = TCP_ESTABLISHED) -> list[Connection]:
     return found
 
 
+def passive_opens() -> int | None:
+    """TCP connections this network namespace has accepted so far (PassiveOpens of /proc/net/snmp), or None."""
+    try:
+        with open("/proc/net/snmp") as snmp:
+            tcp = [line.split() for line in snmp if line.startswith("Tcp:")]
+        return int(tcp[1][tcp[0].index("PassiveOpens")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # -- this process's sockets ---------------------------------------------------------------------------------------
 
 
@@ -281,6 +291,10 @@ class ConnectionReserve:
         self._port = 0
         self._timer: asyncio.TimerHandle | None = None
         self._failing = ""  # the error the last sweep logged, so that a lasting one is logged once
+        self._opens: int | None = None  # passive_opens() at the last sweep
+        # the last sweep left something to look at again: connections over the unreserved part, or connections
+        # still in the accept queue (they count once grpc has accepted them); True until the first sweep
+        self._again = True
         self.closed = 0  # connections shut down so far (for the log and the tests)
 
     def admit(self, peer: str) -> None:
@@ -328,12 +342,19 @@ class ConnectionReserve:
 
     def _tick(self) -> None:
         try:
-            self.sweep()
+            # A dump walks the kernel's whole table of connections (about 7 ms of CPU on this host's loaded 6.18);
+            # reading the host's count of accepted connections costs 0.08 ms. When none was accepted since the
+            # last sweep and it left nothing to look at again, the port's connections can only be fewer.
+            opens = passive_opens()
+            if opens is None or opens != self._opens or self._again:
+                self._opens = opens
+                self.sweep()
             self._failing = ""
         except Exception as e:  # a sweep that fails now may not next time; the server goes on either way
             if str(e) != self._failing:
                 log.error("connection reserve: a sweep failed (logged once until it changes): %r", e)
                 self._failing = str(e)
+            self._again = True
         self._timer = asyncio.get_running_loop().call_later(self.period, self._tick)
 
     def _settle(self, named: dict[str, int]) -> set[str]:
@@ -361,6 +382,7 @@ class ConnectionReserve:
         now = time.monotonic()
         connections = self.lister(self._port, TCP_ESTABLISHED)
         self._first_seen = {c.inode: self._first_seen.get(c.inode, now) for c in connections}
+        self._again = any(not c.inode for c in connections)
         waiting = pending(connections, self._settle({c.peer: c.inode for c in connections if c.inode}))
         if len(waiting) <= self.unreserved:
             return []
@@ -370,6 +392,7 @@ class ConnectionReserve:
         if not victims:
             return []
         done = [c for c in victims if c.inode in fds and shut_down(fds[c.inode], c.inode)]
+        self._again = True  # to see that they are gone
         self.closed += len(done)
         log.warning(
             "%d connections without an authenticated call over the %d allowed: closed %d (%d silent)",

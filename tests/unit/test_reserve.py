@@ -276,3 +276,36 @@ def test_an_authenticated_address_that_comes_back_on_another_connection_is_not_a
     assert reserve._settle({c.peer: c.inode for c in [first, *others]}) == {first.peer}
     again = conn(1, 21)  # the same address, another socket
     assert reserve._settle({c.peer: c.inode for c in [again, *others]}) == set()
+
+
+async def test_no_connection_listed_while_the_host_accepted_none_since_a_sweep_that_left_nothing_to_look_at(
+    clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accepted = {"count": 100, "read": 0}
+
+    def passive_opens() -> int:
+        accepted["read"] += 1  # once a tick
+        return accepted["count"]
+
+    monkeypatch.setattr("jobsvc.server.reserve.passive_opens", passive_opens)
+    listings: list[int] = []
+
+    def counted(port: int, state: int) -> list[Connection]:
+        listings.append(state)
+        return listed(port, state)
+
+    reserve = ConnectionReserve(8, 2, lister=counted, period=0.01)
+    assert reserve.watch(clients.port)
+    try:
+        await asyncio.to_thread(wait_until, lambda: listings.count(TCP_ESTABLISHED) >= 1, "no first sweep")
+        silent = [clients.connect() for _ in range(8)]  # 2 over, not looked for while the count stays
+        before, ticks = listings.count(TCP_ESTABLISHED), accepted["read"]
+        await asyncio.to_thread(wait_until, lambda: accepted["read"] >= ticks + 10, "no ticks")
+        assert listings.count(TCP_ESTABLISHED) == before and not any(map(closed_by_server, silent))
+        # counted once the host has accepted connections, even those a sweep finds still in the accept queue
+        accepted["count"] += 8
+        await asyncio.to_thread(
+            wait_until, lambda: sum(map(closed_by_server, silent)) == 2, "the excess was not shut down"
+        )
+    finally:
+        reserve.close()
