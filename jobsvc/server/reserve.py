@@ -55,8 +55,11 @@ class Connection:
     received: int  # bytes the client has sent (0: a silent connection)
 
 
-# How the connections of a port in a state are listed: listed() (sock_diag) or listed_in_proc() (/proc/net/tcp*).
-Lister = Callable[[int, int], list[Connection]]
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+# How the TCP sockets of a port in a state, of some address families, are listed: listed() (sock_diag) or
+# listed_in_proc() (/proc/net/tcp*).
+Lister = Callable[[int, int, Sequence[int]], list[Connection]]
 
 
 def reserve_default(max_connections: int) -> int:
@@ -133,12 +136,13 @@ def _parse(data: bytes, into: list[Connection]) -> bool:
     return False
 
 
-def listed(port: int, state: int = TCP_ESTABLISHED) -> list[Connection]:
-    """The TCP sockets of this host in `state` whose local port is `port`, IPv4 and IPv6 (sock_diag). OSError when
-    the kernel cannot answer (no inet_diag or tcp_diag: EPROTONOSUPPORT, ENOENT)."""
+def listed(port: int, state: int = TCP_ESTABLISHED, families: Sequence[int] = FAMILIES) -> list[Connection]:
+    """The TCP sockets of this host in `state` whose local port is `port`, of the address families given (sock_diag;
+    each family's dump walks the kernel's whole table). OSError when the kernel cannot answer (no inet_diag or
+    tcp_diag: EPROTONOSUPPORT, ENOENT)."""
     found: list[Connection] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as nl:
-        for family in (socket.AF_INET, socket.AF_INET6):
+        for family in families:
             nl.send(_request(family, port, state))
             while not _parse(nl.recv(1 << 16), found):
                 pass
@@ -170,10 +174,12 @@ def parse_proc_tcp(text: str, family: int, port: int, state: int) -> list[Connec
     return found
 
 
-def listed_in_proc(port: int, state: int = TCP_ESTABLISHED) -> list[Connection]:
-    """As listed(), from /proc/net/tcp and /proc/net/tcp6 (a table without IPv6 is skipped); `received` is 0."""
+def listed_in_proc(port: int, state: int = TCP_ESTABLISHED, families: Sequence[int] = FAMILIES) -> list[Connection]:
+    """As listed(), from /proc/net/tcp and /proc/net/tcp6 (a host without IPv6 has no tcp6); `received` is 0."""
     found: list[Connection] = []
     for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        if family not in families:
+            continue
         try:
             with open(path) as table:
                 text = table.read()
@@ -289,6 +295,7 @@ class ConnectionReserve:
         self._unseen: set[str] = set()  # authenticated peers the last listing did not name
         self._first_seen: dict[int, float] = {}
         self._port = 0
+        self._families: tuple[int, ...] = FAMILIES  # of this process's listeners on the port
         self._timer: asyncio.TimerHandle | None = None
         self._failing = ""  # the error the last sweep logged, so that a lasting one is logged once
         self._opens: int | None = None  # passive_opens() at the last sweep
@@ -309,12 +316,13 @@ class ConnectionReserve:
         problems = []
         for lister in dict.fromkeys([self.lister, listed_in_proc]):
             try:
-                found = bool(socket_fds(c.inode for c in lister(port, TCP_LISTEN)))
+                # a dual-stack listener (grpc's usual) has only AF_INET6 sockets: one dump, not two, per sweep
+                families = tuple(f for f in FAMILIES if socket_fds(c.inode for c in lister(port, TCP_LISTEN, (f,))))
             except OSError as e:
                 problems.append(f"{_name(lister)}: {e}")
                 continue
-            if found:
-                self.lister = lister
+            if families:
+                self.lister, self._families = lister, families
                 break
             problems.append(f"{_name(lister)}: this process's listener on port {port} is not listed")
         else:
@@ -380,7 +388,7 @@ class ConnectionReserve:
     def sweep(self) -> list[Connection]:
         """Shut down the unauthenticated connections beyond the unreserved part; the ones shut down."""
         now = time.monotonic()
-        connections = self.lister(self._port, TCP_ESTABLISHED)
+        connections = self.lister(self._port, TCP_ESTABLISHED, self._families)
         self._first_seen = {c.inode: self._first_seen.get(c.inode, now) for c in connections}
         self._again = any(not c.inode for c in connections)
         waiting = pending(connections, self._settle({c.peer: c.inode for c in connections if c.inode}))

@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -195,6 +195,7 @@ async def test_the_periodic_sweep_closes_the_excess_that_no_listener_wake_up_rep
 ) -> None:
     reserve = ConnectionReserve(8, 2, lister=lister, period=0.05)  # 6 connections without authentication
     assert reserve.watch(clients.port)
+    assert reserve._families == (socket.AF_INET,)  # an IPv4 listener: one table
     try:
         authed = clients.connect(b"a handshake and a call")
         reserve.admit(clients.peer(authed))
@@ -214,7 +215,7 @@ async def test_the_periodic_sweep_closes_the_excess_that_no_listener_wake_up_rep
 async def test_without_sock_diag_the_reserve_lists_from_proc_and_says_so(
     clients: Clients, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def no_diag(port: int, state: int) -> list[Connection]:
+    def no_diag(port: int, state: int, families: Sequence[int]) -> list[Connection]:
         raise OSError(2, "sock_diag: No such file or directory")
 
     reserve = ConnectionReserve(8, 2, lister=no_diag, period=0.05)
@@ -245,8 +246,8 @@ async def test_a_listing_that_names_connections_twice_or_skips_one_closes_no_mor
     authed = clients.connect(b"a handshake and a call")
     skipped = {"now": False}
 
-    def unsteady(port: int, state: int) -> list[Connection]:
-        found = listed(port, state)
+    def unsteady(port: int, state: int, families: Sequence[int]) -> list[Connection]:
+        found = listed(port, state, families)
         if state == TCP_ESTABLISHED:
             skipped["now"] = not skipped["now"]
             if skipped["now"]:
@@ -290,9 +291,9 @@ async def test_no_connection_listed_while_the_host_accepted_none_since_a_sweep_t
     monkeypatch.setattr("jobsvc.server.reserve.passive_opens", passive_opens)
     listings: list[int] = []
 
-    def counted(port: int, state: int) -> list[Connection]:
+    def counted(port: int, state: int, families: Sequence[int]) -> list[Connection]:
         listings.append(state)
-        return listed(port, state)
+        return listed(port, state, families)
 
     reserve = ConnectionReserve(8, 2, lister=counted, period=0.01)
     assert reserve.watch(clients.port)
@@ -309,3 +310,20 @@ async def test_no_connection_listed_while_the_host_accepted_none_since_a_sweep_t
         )
     finally:
         reserve.close()
+
+
+@pytest.mark.parametrize("lister", [listed, listed_in_proc], ids=["sock_diag", "proc"])
+async def test_a_dual_stack_listener_is_swept_from_its_ipv6_table_alone_v4_clients_included(lister: Lister) -> None:
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as server:
+        port = server.getsockname()[1]
+        reserve = ConnectionReserve(8, 2, lister=lister, period=60)
+        assert reserve.watch(port)
+        reserve.close()
+        assert reserve._families == (socket.AF_INET6,)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                found = lister(port, TCP_ESTABLISHED, reserve._families)
+                assert [c.peer for c in found] == [f"ipv4:127.0.0.1:{client.getsockname()[1]}"]
