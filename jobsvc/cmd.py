@@ -199,6 +199,13 @@ def main() -> None:
     "as they arrive. Default: half the server's open-file limit, keeping the rest for jobs and the state dir.",
 )
 @click.option(
+    "--reserved-connections",
+    type=click.IntRange(0),
+    help="Of --max-connections, how many connections that have made no authenticated call may not take (a "
+    "number): past the rest, the server closes such connections, silent ones and then the oldest first, so that "
+    "clients with a certificate can connect during a flood. 0: no reserve. Default: an eighth of the connections.",
+)
+@click.option(
     "--max-calls-per-connection",
     default=100,
     show_default=True,
@@ -256,6 +263,7 @@ def serve(
     keepalive_timeout: float,
     handshake_timeout: float,
     max_connections: int | None,
+    reserved_connections: int | None,
     max_calls_per_connection: int,
     max_calls_per_user: int,
     log_level: str,
@@ -310,6 +318,7 @@ def serve(
         keepalive_timeout=keepalive_timeout,
         handshake_timeout=handshake_timeout,
         max_connections=max_connections,
+        reserved_connections=reserved_connections,
         max_calls_per_connection=max_calls_per_connection,
         max_held_calls_per_user=max_calls_per_user,
     )

@@ -20,6 +20,7 @@ from jobsvc.manager import EngineConfig, JobManager
 from jobsvc.quota import Quota
 from jobsvc.server.audit import AuditLog
 from jobsvc.server.interceptors import ErrorInterceptor, IdentityInterceptor
+from jobsvc.server.reserve import ConnectionReserve, reserve_default
 from jobsvc.server.servicer import JobServicer, add_to_server
 from jobsvc.server.tls import CredentialsError, TrustFiles, TrustPolicy
 
@@ -45,6 +46,9 @@ class ServerConfig:
     # Connections the server holds at once, authenticated or not; past it new ones are closed at accept. None:
     # half the open-file limit, so the other half stays for jobs' pipes and output and for the state dir.
     max_connections: int | None = None
+    # Of max_connections, how many connections without an authenticated call may not take (ConnectionReserve):
+    # kept for clients with a certificate while silent connections fill the rest. None: an eighth; 0: no reserve.
+    reserved_connections: int | None = None
     # Calls in flight on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, as grpc-go's
     # MaxConcurrentStreams): a client's further calls wait in the client until one ends.
     max_calls_per_connection: int = 100
@@ -76,9 +80,24 @@ def keepalive_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def connection_limit(config: ServerConfig, fd_limit: int) -> int:
+    """The connections the server holds at once: --max-connections, by default half the open-file limit."""
+    return config.max_connections if config.max_connections is not None else max(1, fd_limit // 2)
+
+
+def connection_reserve(config: ServerConfig, fd_limit: int) -> ConnectionReserve | None:
+    """The reserve for authenticated connections, or None when there is none (--reserved-connections 0)."""
+    limit = connection_limit(config, fd_limit)
+    reserved = config.reserved_connections
+    reserved = reserve_default(limit) if reserved is None else reserved
+    if reserved and reserved >= limit:
+        raise ListenError(f"--reserved-connections ({reserved}) must be less than the connections allowed ({limit})")
+    return ConnectionReserve(limit, reserved) if reserved else None
+
+
 def connection_options(config: ServerConfig, fd_limit: int) -> list[tuple[str, int]]:
     """grpc core's channel arguments bounding connections and the calls on each (pre-authentication load)."""
-    limit = config.max_connections if config.max_connections is not None else max(1, fd_limit // 2)
+    limit = connection_limit(config, fd_limit)
     log.info(
         "at most %d connections, %d calls on each, %d held calls per user; TLS handshakes time out after %g s",
         limit,
@@ -98,14 +117,20 @@ class ListenError(RuntimeError):
 
 
 async def build_server(
-    config: ServerConfig, manager: JobManager, audit: AuditLog | None = None, trust: TrustPolicy | None = None
+    config: ServerConfig,
+    manager: JobManager,
+    audit: AuditLog | None = None,
+    trust: TrustPolicy | None = None,
+    reserve: ConnectionReserve | None = None,
 ) -> tuple[aio.Server, int]:
-    """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port)."""
+    """A started-able grpc.aio server bound to config.listen (port 0 picks one); returns (server, port).
+
+    With a reserve, its watch(port) is the caller's to start once the server has started."""
     # The request cap sits above the argv cap, so an oversized argv reaches the engine and gets INVALID_ARGUMENT.
     max_request = max(4 << 20, 2 * config.engine.max_argv_bytes + (64 << 10))
     held = Quota("concurrent Wait and streaming calls", config.max_held_calls_per_user)
     server = aio.server(
-        interceptors=[ErrorInterceptor(audit), IdentityInterceptor(trust, held)],
+        interceptors=[ErrorInterceptor(audit), IdentityInterceptor(trust, held, reserve)],
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length", max_request),
@@ -143,20 +168,23 @@ def raise_fd_limit() -> int:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT: then refuse new work, stop every job, end streams, exit 0."""
-    raise_fd_limit()
+    fd_limit = raise_fd_limit()
+    reserve = connection_reserve(config, fd_limit)
     trust = TrustPolicy(config.trust)  # unreadable certificates fail here, before anything starts
     manager = JobManager.open(config.engine)  # takes the state dir's lock, or refuses at once
     audit = AuditLog(config.engine.state_dir / "audit.log")
     # Bind before taking over the state dir: a server that cannot listen must leave the jobs of a crashed
     # predecessor, and their groups, exactly as they are for the next server that can.
     try:
-        server, port = await build_server(config, manager, audit, trust)
+        server, port = await build_server(config, manager, audit, trust, reserve)
     except BaseException:
         manager.close()
         audit.close()
         raise
     await manager.reconcile()
     await server.start()
+    if reserve is not None:
+        reserve.watch(port)
     host = config.listen.rsplit(":", 1)[0]
     log.info("listening on %s:%d (state in %s)", host, port, config.engine.state_dir)
     print(f"jobsvc listening on {host}:{port}", flush=True)
@@ -170,6 +198,8 @@ async def serve(config: ServerConfig) -> int:
     # Stopping the jobs first lets open streams reach their natural end; then stop taking calls.
     unsaved = await manager.shutdown()
     await server.stop(grace=1.0)
+    if reserve is not None:
+        reserve.close()
     audit.close()
     if unsaved:
         # Exiting 0 would tell a supervisor all was well while those jobs' outcomes are lost.

@@ -28,6 +28,7 @@ from jobsvc.errors import (
 from jobsvc.model import display_arg
 from jobsvc.quota import Quota
 from jobsvc.server.audit import AuditLog
+from jobsvc.server.reserve import ConnectionReserve
 from jobsvc.server.tls import TrustPolicy
 
 log = logging.getLogger("jobsvc.server")
@@ -189,16 +190,23 @@ class IdentityInterceptor(_CallInterceptor):
     quota of held calls, a user's concurrent Waits and streaming calls beyond it are RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, trust: TrustPolicy | None = None, held_calls: Quota | None = None) -> None:
+    def __init__(
+        self,
+        trust: TrustPolicy | None = None,
+        held_calls: Quota | None = None,
+        reserve: ConnectionReserve | None = None,
+    ) -> None:
         super().__init__()
         self._trust = trust
         self._held_calls = held_calls
+        self._reserve = reserve
 
     def wrappers(
         self, method: str, handler: grpc.RpcMethodHandler
     ) -> tuple[Callable[[Unary], Unary], Callable[[Streaming], Streaming]]:
         trust = self._trust
         quota = self._held_calls if _held(method, handler) else None
+        reserve = self._reserve
 
         async def establish(request: Any, context: aio.ServicerContext) -> str:
             cert = peer_cert(context)
@@ -210,6 +218,8 @@ class IdentityInterceptor(_CallInterceptor):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this client certificate is revoked")
                 if trust.is_denied(cert.subject):
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this identity is denied access")
+            if reserve is not None:
+                reserve.admit(context.peer())
             _identity.set(cert.subject)
             if isinstance(request, MalformedRequest):
                 raise InvalidArgumentError("malformed request")

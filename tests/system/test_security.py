@@ -327,3 +327,109 @@ def test_sighup_reopens_the_audit_log_after_rotation(tmp_path: Path, keys: Pki) 
     finally:
         assert srv.stop() == 0, srv.log()
         shutil.rmtree(srv.work_root, ignore_errors=True)
+
+
+# -- the connection reserve ------------------------------------------------------------------------------------------
+
+MAX_CONNECTIONS, RESERVED = 64, 8
+ATTACKS = 4
+# Long enough that only the reserve, not the handshake timeout, can let a client in: every wait below that proves
+# the reserve's work ends before the first silent connection could have reached it (an emulated VM guest is 5-10
+# times slower than this host; the reserve counts every 0.5 s).
+SLOW_HANDSHAKE = 60
+
+
+def _closed_by_server(sockets: list[socket.socket]) -> list[socket.socket]:
+    """The sockets the server has closed (each reads EOF or a reset at once)."""
+    closed = []
+    for s in sockets:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed.append(s)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.append(s)
+    return closed
+
+
+def _wait_until(condition: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
+    """Until condition holds, which it must before deadline: the time is read after each look, so what it saw
+    happened before then."""
+    while True:
+        met = condition()
+        assert time.monotonic() < deadline, what()
+        if met:
+            return
+        time.sleep(0.05)
+
+
+def test_silent_connections_leave_the_reserve_to_clients_with_a_certificate(tmp_path: Path, keys: Pki) -> None:
+    # max-connections silent TCP connections: without the reserve grpc holds every one of them until the handshake
+    # timeout and closes every new connection at accept, so no client, certificate or not, can connect meanwhile.
+    srv = start_server(
+        tmp_path,
+        keys,
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--reserved-connections",
+        str(RESERVED),
+        "--handshake-timeout",
+        f"{SLOW_HANDSHAKE}s",
+    )
+    silent: list[socket.socket] = []
+
+    def state(what: str) -> str:
+        held = len(silent) - len(_closed_by_server(silent))
+        return f"{what}: {held} of {len(silent)} silent connections held; server log:\n{srv.log()}"
+
+    try:
+        established = srv.stub()
+        assert established.List(pb.ListRequest(), timeout=30) is not None  # authenticated before the flood
+        assert "connection reserve unavailable" not in srv.log(), srv.log()
+        # an attacker who keeps max-connections silent connections open: it replaces each one the server closes,
+        # a few times over (as one reconnecting at every handshake timeout would)
+        attack_began = time.monotonic()
+        # no silent connection (the first opened now) can reach the handshake timeout before this
+        by_the_reserve = attack_began + SLOW_HANDSHAKE
+        for _ in range(ATTACKS):
+            for s in _closed_by_server(silent):
+                silent.remove(s)
+                s.close()
+            while len(silent) < MAX_CONNECTIONS:
+                silent.append(socket.create_connection(("127.0.0.1", srv.port), timeout=30))
+            time.sleep(0.5)  # the attacker's pace, not an assertion
+        # the server keeps only the unreserved part for them (grpc itself closes at accept only those past
+        # --max-connections, which counts the established client too: one)
+        _wait_until(
+            lambda: len(_closed_by_server(silent)) >= RESERVED,
+            by_the_reserve,
+            lambda: state("the silent ones beyond the unreserved part were not closed"),
+        )
+        # ... and no more than those: the silent ones still fill the unreserved part
+        held = len(silent) - len(_closed_by_server(silent))
+        assert held >= (MAX_CONNECTIONS - RESERVED) // 2, state("the reserve closed more than the excess")
+        # a client with a certificate connects while the silent ones fill the unreserved part, and is served
+        creds = grpc.ssl_channel_credentials(
+            keys.ca.read_bytes(), keys.key("bob").read_bytes(), keys.cert("bob").read_bytes()
+        )
+        with grpc.secure_channel(srv.target, creds) as fresh:
+            stub = jobs_pb2_grpc.JobServiceStub(fresh)
+            left = by_the_reserve - time.monotonic()
+            assert left > 0, state("no time left to connect before the handshake timeout")
+            job = stub.Start(pb.StartRequest(argv=[b"true"]), timeout=left, wait_for_ready=True)
+            assert stub.Wait(pb.GetRequest(id=job.id), timeout=60).exit_code == 0
+            assert established.List(pb.ListRequest(), timeout=30) is not None  # not closed as if it were silent
+        assert "without an authenticated call over the" in srv.log()
+        # and the silent ones the server kept are closed at the handshake timeout
+        _wait_until(
+            lambda: len(_closed_by_server(silent)) == len(silent),
+            time.monotonic() + 3 * SLOW_HANDSHAKE,
+            lambda: state("the silent connections were not closed at the handshake timeout"),
+        )
+    finally:
+        for s in silent:
+            s.close()
+        assert srv.stop() == 0, srv.log()
+        shutil.rmtree(srv.work_root, ignore_errors=True)
