@@ -170,3 +170,33 @@ def test_pids_limit_hits_and_processes_in_sub_groups_are_read(tmp_path: Path) ->
     (freezer / "sub").mkdir()
     (freezer / "sub" / "cgroup.procs").write_text("12\n")
     assert sorted(group.pids()) == [10, 11, 12]
+
+
+async def test_a_group_with_no_groups_beneath_is_removed_without_listing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobsvc.cgroups import fs
+
+    driver = make_driver(tmp_path)
+    group = driver.create("j", Limits())
+    walked: list[Path] = []
+    real_walk = fs.groups_below
+
+    def groups_below(path: Path) -> list[Path]:
+        walked.append(path)
+        return real_walk(path)
+
+    monkeypatch.setattr(fs, "groups_below", groups_below)
+    assert await group.destroy()
+    assert walked == []  # one rmdir per hierarchy, no walk
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_a_link_in_a_group_is_not_taken_for_a_group_beneath_it(tmp_path: Path) -> None:
+    from jobsvc.cgroups.fs import groups_below
+
+    group = tmp_path / "g"
+    (group / "sub").mkdir(parents=True)
+    (group / "cgroup.procs").write_text("")
+    (group / "link").symlink_to(tmp_path)  # cgroupfs has none; a link must not lead the walk elsewhere
+    assert groups_below(group) == [group / "sub"]
