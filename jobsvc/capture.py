@@ -15,9 +15,11 @@ full the thread asks the loop (which may reclaim) and waits for the answer; the 
 The loop learns of the end (done) only after the last byte is in the log and visible, and only then closes the
 wake-up eventfd: stop() never writes to a closed or reused descriptor.
 
-One thread per job rather than a pool: a throttled write blocks the thread doing it, so jobs sharing a thread
-would stall each other as they stalled everyone on the loop; a thread costs about 0.1 ms to start and end and a
-few KB of memory while the job runs.
+One thread per running job: a throttled write blocks the thread doing it, so jobs sharing a thread would stall
+each other as they stalled everyone on the loop. But a thread is not started per job: Thread.start() makes the
+loop wait until the new thread has been scheduled (milliseconds on a loaded host, and a tenth of the server's CPU
+in a churn of short jobs), so a thread whose job ended waits a while for the next one (Threads: a few idle ones
+are kept, each still serving one job at a time).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import select
 import threading
 import time
@@ -54,6 +57,58 @@ PACE_BELOW = 256 * 1024
 # at a time made two index records (a run, then the lost one) per write and used up the index's reserve
 DISK_RETRY = 0.1
 ANSWER_TIMEOUT = 5.0  # how long the thread waits for the loop's answer on a full share before storing anyway
+IDLE_THREADS = 8  # capture threads kept waiting for the next job
+IDLE_TIMEOUT = 10.0  # seconds an idle capture thread waits for one before it ends
+
+
+class Threads:
+    """Threads that each run one task at a time (a job's capture); a task goes to an idle thread, else to a new
+    one. A thread that finished its task waits up to idle_timeout for the next, unless max_idle already wait."""
+
+    def __init__(self, max_idle: int = IDLE_THREADS, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting on _tasks, less the tasks put there for them
+        self._tasks: queue.SimpleQueue[tuple[str, Callable[[], None]]] = queue.SimpleQueue()
+
+    @property
+    def idle(self) -> int:
+        """How many threads wait for a task now."""
+        return self._idle
+
+    def run(self, name: str, task: Callable[[], None]) -> None:
+        """Run task (which must not raise) in a thread named name; raises, running nothing, if no thread could be
+        started."""
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # with the put, under the lock: an idle thread that times out still finds it
+                self._tasks.put((name, task))
+                return
+        threading.Thread(target=self._serve, args=(name, task), name=name, daemon=True).start()
+
+    def _serve(self, name: str, task: Callable[[], None]) -> None:
+        me = threading.current_thread()
+        while True:
+            me.name = name
+            task()
+            me.name = "capture-idle"
+            with self._lock:
+                if self._idle >= self.max_idle:
+                    return
+                self._idle += 1
+            try:
+                name, task = self._tasks.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    try:  # a task put for this thread as it timed out
+                        name, task = self._tasks.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
+THREADS = Threads()
 
 
 class Capture:
@@ -66,7 +121,10 @@ class Capture:
         budget: Budget,
         pipes: Sequence[tuple[int, int]],
         on_lost: Callable[[OSError | None], None] | None = None,
+        threads: Threads = THREADS,
     ) -> None:
+        self._name = name
+        self._threads = threads
         self._loop = asyncio.get_running_loop()
         self._output = output
         self._budget = budget
@@ -85,13 +143,14 @@ class Capture:
             os.set_blocking(fd, False)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._ran = threading.Event()  # its thread is done with this capture
 
     def start(self) -> None:
-        """Start the thread; from then on the pipes are its own (on failure they are still the caller's)."""
+        """Hand the capture to a thread; from then on the pipes are its own (on failure they are still the
+        caller's)."""
         self._output.capture_started()
         try:
-            self._thread.start()
+            self._threads.run(self._name, self._run)
         except BaseException:
             self._output.capture_ended()
             os.close(self._wake)
@@ -103,13 +162,17 @@ class Capture:
         if self._wake >= 0:
             os.eventfd_write(self._wake, 1)
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until its thread is done with this capture (tests; the loop awaits done instead)."""
+        self._ran.wait(timeout)
+
     # -- the thread -------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             self._capture()
         except Exception:
-            log.exception("capture thread %s failed", self._thread.name)
+            log.exception("capture thread %s failed", self._name)
         finally:
             for fd in self._pipes:
                 with contextlib.suppress(OSError):
@@ -118,6 +181,7 @@ class Capture:
             with contextlib.suppress(OSError):
                 self._output.end_writes()
             self._call(self._finished)
+            self._ran.set()
 
     def _capture(self) -> None:
         poller = select.poll()
@@ -212,7 +276,7 @@ class Capture:
             try:
                 full = self._budget.full()
             except Exception:  # a failed reclaim must not end the capture: store, as with no share
-                log.exception("capture %s: reclaiming the share failed", self._thread.name)
+                log.exception("capture %s: reclaiming the share failed", self._name)
                 full = False
             answer.set_result(full)
 

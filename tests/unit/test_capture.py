@@ -6,13 +6,14 @@ import asyncio
 import errno
 import os
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from jobsvc.budget import Budget
-from jobsvc.capture import Capture
+from jobsvc.capture import Capture, Threads
 from jobsvc.output import LOST, STDERR, STDOUT, Chunk, OutputLog
 
 
@@ -33,13 +34,6 @@ async def read_until(chunks: AsyncIterator[Chunk], total: int) -> list[Chunk]:
     return got
 
 
-def join_thread(name: str) -> None:
-    """Wait for the capture thread itself to end (the loop awaits done; a test may want the thread gone too)."""
-    for thread in threading.enumerate():
-        if thread.name == name:
-            thread.join()
-
-
 def runs(chunks: list[Chunk]) -> list[tuple[int, bytes]]:
     """(stream, bytes) with neighbouring chunks of one stream joined."""
     out: list[tuple[int, bytes]] = []
@@ -52,10 +46,11 @@ def runs(chunks: list[Chunk]) -> list[tuple[int, bytes]]:
 
 
 async def test_both_pipes_reach_the_log_in_order_and_done_comes_after_the_last_byte(tmp_path: Path) -> None:
-    before, threads = open_fds(), threading.active_count()
+    before, threads = open_fds(), set(threading.enumerate())
     log = OutputLog(tmp_path / "out", segment_size=4096)
     (out_r, out_w), (err_r, err_w) = pipes()
-    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)))
+    no_idle = Threads(max_idle=0)  # its thread ends with the capture
+    capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)), threads=no_idle)
     capture.start()
     follower = log.follow().__aiter__()
     expected: list[tuple[int, bytes]] = []
@@ -73,8 +68,10 @@ async def test_both_pipes_reach_the_log_in_order_and_done_comes_after_the_last_b
     assert runs([c async for c in log.follow(follow=False)]) == expected
     rest = [c async for c in follower]  # the live reader ends at the close, having missed nothing
     assert rest == []
-    join_thread("capture-test")
-    assert threading.active_count() == threads
+    capture.join()
+    for t in set(threading.enumerate()) - threads:
+        t.join(10)  # the capture's, ending now
+    assert set(threading.enumerate()) == threads
     assert open_fds() == before  # the pipes, the eventfd and the log's files are all closed
 
 
@@ -259,3 +256,83 @@ async def test_a_quota_holds_writes_off_as_a_full_disk_does_and_room_again_is_us
     assert len(lost) == 1 and lost[0] is not None and lost[0].errno == errno.EDQUOT  # told once
     assert (log.lost_bytes, log.size) == (4096 * writes, 4096 * writes + 7)
     log.close()
+
+
+# -- the capture threads ---------------------------------------------------------------------------------------
+
+
+def until(condition: Callable[[], bool]) -> None:
+    """Wait for a thread to get there (the test's timeout bounds it)."""
+    while not condition():
+        time.sleep(0.001)
+
+
+def test_a_thread_whose_task_ended_runs_the_next_one() -> None:
+    pool = Threads(max_idle=1, idle_timeout=60)
+    ran: list[tuple[str, threading.Thread]] = []
+    done = threading.Event()
+
+    def task() -> None:
+        ran.append((threading.current_thread().name, threading.current_thread()))
+        done.set()
+
+    pool.run("capture-one", task)
+    done.wait()
+    until(lambda: pool.idle == 1)
+    done.clear()
+    pool.run("capture-two", task)
+    done.wait()
+    assert [name for name, _ in ran] == ["capture-one", "capture-two"]  # each named for its job while it runs
+    assert ran[0][1] is ran[1][1]  # no new thread for the second task
+    until(lambda: pool.idle == 1)
+
+
+def test_two_tasks_at_once_get_two_threads_and_only_max_idle_stay() -> None:
+    pool = Threads(max_idle=1, idle_timeout=60)
+    started: list[threading.Thread] = []
+    both, release = threading.Barrier(3), threading.Event()
+
+    def task() -> None:
+        started.append(threading.current_thread())
+        both.wait()
+        release.wait()
+
+    pool.run("capture-a", task)
+    pool.run("capture-b", task)
+    both.wait()  # both tasks run at once: the second did not wait for the first
+    assert len(set(started)) == 2
+    release.set()
+    until(lambda: sum(t.is_alive() for t in started) == 1)  # the one past max_idle ended
+    assert pool.idle == 1
+
+
+def test_an_idle_thread_ends_after_its_timeout() -> None:
+    pool = Threads(max_idle=4, idle_timeout=0.01)
+    threads: list[threading.Thread] = []
+    pool.run("capture-short", lambda: threads.append(threading.current_thread()))
+    until(lambda: bool(threads))
+    threads[0].join()  # it waited for a next task, got none and ended
+    assert pool.idle == 0
+
+
+def test_a_thread_that_cannot_start_leaves_the_capture_to_its_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async def body() -> None:
+        log = OutputLog(tmp_path / "out")
+        (out_r, out_w), (err_r, err_w) = pipes()
+        before = open_fds()
+        capture = Capture("capture-test", log, Budget(None), ((out_r, STDOUT), (err_r, STDERR)), threads=Threads())
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError):
+            capture.start()
+        monkeypatch.undo()
+        assert open_fds() == before  # its eventfd is closed; the pipes are open
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)  # the pipes are still the caller's
+        log.close()
+
+    asyncio.run(body())
