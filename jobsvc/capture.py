@@ -57,7 +57,7 @@ PACE_BELOW = 256 * 1024
 # at a time made two index records (a run, then the lost one) per write and used up the index's reserve
 DISK_RETRY = 0.1
 ANSWER_TIMEOUT = 5.0  # how long the thread waits for the loop's answer on a full share before storing anyway
-IDLE_THREADS = 8  # capture threads kept waiting for the next job
+IDLE_THREADS = 16  # capture threads kept waiting for the next job
 IDLE_TIMEOUT = 10.0  # seconds an idle capture thread waits for one before it ends
 
 
