@@ -63,19 +63,28 @@ IDLE_TIMEOUT = 10.0  # seconds an idle capture thread waits for one before it en
 
 class Threads:
     """Threads that each run one task at a time (a job's capture); a task goes to an idle thread, else to a new
-    one. A thread that finished its task waits up to idle_timeout for the next, unless max_idle already wait."""
+    one. A thread that finished its task waits up to idle_timeout for the next, unless max_idle already wait; and a
+    thread that takes a task when none is left idle starts one more (so the next caller need not wait for a start).
+    """
 
     def __init__(self, max_idle: int = IDLE_THREADS, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting on _tasks, less the tasks put there for them
+        self._live = 0  # threads of this pool, running a task or idle
+        self._spare_due = False  # a spare thread is starting
         self._tasks: queue.SimpleQueue[tuple[str, Callable[[], None]]] = queue.SimpleQueue()
 
     @property
     def idle(self) -> int:
         """How many threads wait for a task now."""
         return self._idle
+
+    @property
+    def live(self) -> int:
+        """How many threads the pool has now (busy or idle)."""
+        return self._live
 
     def run(self, name: str, task: Callable[[], None]) -> None:
         """Run task (which must not raise) in a thread named name; raises, running nothing, if no thread could be
@@ -85,16 +94,45 @@ class Threads:
                 self._idle -= 1  # with the put, under the lock: an idle thread that times out still finds it
                 self._tasks.put((name, task))
                 return
-        threading.Thread(target=self._serve, args=(name, task), name=name, daemon=True).start()
+        self._start(name, task)
 
-    def _serve(self, name: str, task: Callable[[], None]) -> None:
-        me = threading.current_thread()
-        while True:
-            me.name = name
-            task()
-            me.name = "capture-idle"
+    def _start(self, name: str, task: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._live += 1
+        try:
+            threading.Thread(target=self._serve, args=(name, task), name=name, daemon=True).start()
+        except BaseException:
             with self._lock:
+                self._live -= 1
+            raise
+
+    def _add_spare(self) -> None:
+        """Start an idle thread from this one if none is left (Thread.start waits until it runs: better here than
+        in the caller of run, the event loop)."""
+        with self._lock:
+            if self._idle > 0 or self._spare_due or self.max_idle == 0:
+                return
+            self._spare_due = True
+        try:
+            self._start("capture-idle", None)
+        except RuntimeError:  # no thread to be had now: run() tries again
+            with self._lock:
+                self._spare_due = False
+
+    def _serve(self, name: str, task: Callable[[], None] | None) -> None:
+        me = threading.current_thread()
+        spare = task is None
+        while True:
+            if task is not None:
+                self._add_spare()
+                me.name = name
+                task()
+                me.name = "capture-idle"
+            with self._lock:
+                if spare:
+                    self._spare_due, spare = False, False
                 if self._idle >= self.max_idle:
+                    self._live -= 1
                     return
                 self._idle += 1
             try:
@@ -105,6 +143,7 @@ class Threads:
                         name, task = self._tasks.get_nowait()
                     except queue.Empty:
                         self._idle -= 1
+                        self._live -= 1
                         return
 
 

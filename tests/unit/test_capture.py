@@ -267,8 +267,8 @@ def until(condition: Callable[[], bool]) -> None:
         time.sleep(0.001)
 
 
-def test_a_thread_whose_task_ended_runs_the_next_one() -> None:
-    pool = Threads(max_idle=1, idle_timeout=60)
+def test_a_task_goes_to_a_thread_that_was_waiting_for_it() -> None:
+    pool = Threads(max_idle=2, idle_timeout=60)
     ran: list[tuple[str, threading.Thread]] = []
     done = threading.Event()
 
@@ -278,32 +278,52 @@ def test_a_thread_whose_task_ended_runs_the_next_one() -> None:
 
     pool.run("capture-one", task)
     done.wait()
-    until(lambda: pool.idle == 1)
+    until(lambda: pool.idle == 2)  # the first task's thread and the spare it started
+    waiting = set(threading.enumerate())
     done.clear()
     pool.run("capture-two", task)
     done.wait()
     assert [name for name, _ in ran] == ["capture-one", "capture-two"]  # each named for its job while it runs
-    assert ran[0][1] is ran[1][1]  # no new thread for the second task
-    until(lambda: pool.idle == 1)
+    assert ran[1][1] in waiting  # no thread was started for the second task
+    until(lambda: pool.idle == 2 and pool.live == 2)
 
 
-def test_two_tasks_at_once_get_two_threads_and_only_max_idle_stay() -> None:
-    pool = Threads(max_idle=1, idle_timeout=60)
-    started: list[threading.Thread] = []
-    both, release = threading.Barrier(3), threading.Event()
+def test_a_thread_taking_the_last_idle_slot_starts_a_spare() -> None:
+    pool = Threads(max_idle=4, idle_timeout=60)
+    release = threading.Event()
+    running: list[threading.Thread] = []
 
     def task() -> None:
-        started.append(threading.current_thread())
-        both.wait()
+        running.append(threading.current_thread())
         release.wait()
 
     pool.run("capture-a", task)
-    pool.run("capture-b", task)
-    both.wait()  # both tasks run at once: the second did not wait for the first
-    assert len(set(started)) == 2
+    until(lambda: pool.idle == 1)  # started by a's thread while a runs
+    spare = set(threading.enumerate())
+    pool.run("capture-b", task)  # takes the spare, which starts the next
+    until(lambda: len(running) == 2 and pool.idle == 1)
+    assert running[1] in spare and pool.live == 3
     release.set()
-    until(lambda: sum(t.is_alive() for t in started) == 1)  # the one past max_idle ended
-    assert pool.idle == 1
+    until(lambda: pool.idle == 3)
+
+
+def test_tasks_at_once_get_threads_of_their_own_and_only_max_idle_stay() -> None:
+    pool = Threads(max_idle=1, idle_timeout=60)
+    started: list[threading.Thread] = []
+    together, release = threading.Barrier(4), threading.Event()
+
+    def task() -> None:
+        started.append(threading.current_thread())
+        together.wait()
+        release.wait()
+
+    for name in ("capture-a", "capture-b", "capture-c"):
+        pool.run(name, task)
+    together.wait()  # all three run at once: none waited for another
+    assert len(set(started)) == 3
+    release.set()
+    until(lambda: pool.live == 1 and pool.idle == 1)  # the rest ended
+    assert sum(t.is_alive() for t in started) <= 1
 
 
 def test_an_idle_thread_ends_after_its_timeout() -> None:
@@ -312,6 +332,7 @@ def test_an_idle_thread_ends_after_its_timeout() -> None:
     pool.run("capture-short", lambda: threads.append(threading.current_thread()))
     until(lambda: bool(threads))
     threads[0].join()  # it waited for a next task, got none and ended
+    until(lambda: pool.live == 0)  # and so did the spare it started
     assert pool.idle == 0
 
 
