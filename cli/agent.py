@@ -294,6 +294,10 @@ class Agent:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 n = len(raw) // 4
                 request.fds += struct.unpack(f"{n}i", raw[: n * 4])
+        if len(request.fds) > front.MAX_FDS:  # a front end sends its descriptors once: more would pile up here
+            log.warning("request failed: more than %d descriptors", front.MAX_FDS)
+            self.end_request(request)
+            return
         if not data:  # it went away (a front end that gave up)
             self.end_request(request)
             return

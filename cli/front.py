@@ -323,6 +323,7 @@ def through_agent(argv: list[str]) -> int | None:
                 start_agent()  # the old one has let go of its lock: its successor runs the new code
             return None
         sock.settimeout(None)  # from here the command runs for as long as it runs
+        forward.waiting = False  # a signal from here on is the command's: held, then forwarded once it runs
         sock.sendall(COMMIT + b"\0")
         forward.accept()
         reply = _read_reply(sock)

@@ -34,6 +34,20 @@ class StateDirError(RuntimeError):
     """The state dir cannot be used (unreadable, or written by a newer jobsvc); nothing in it was changed."""
 
 
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """n bytes at offset (one pread returns at most about 2 GiB); fewer only if the file is shorter, which the
+    callers' sizes rule out, so that is an error rather than a journal silently cut short."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        part = os.pread(fd, n - got, offset + got)
+        if not part:
+            raise OSError(f"journal shorter than expected: {got} of {n} bytes at {offset}")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -186,6 +200,7 @@ class JobStore:
         self._tombstones: set[str] = set()  # jobs whose last entry is a removal
         self._loaded: tuple[dict[str, tuple[int, int]], set[str]] = ({}, set())  # load_all's, for rewrite()
         self._appended: list[str] | None = None  # jobs named by commits while a compaction copies
+        self._rename_unsynced = False  # a compaction renamed the journal and its directory fsync failed
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = DirLock.acquire(state_dir / "lock")
@@ -301,6 +316,9 @@ class JobStore:
             _write_all(self._journal, data)
             if self.durable:
                 os.fdatasync(self._journal)
+                if self._rename_unsynced:  # a compaction's rename is not durable yet: nor would this batch be
+                    _fsync_dir(self.root)
+                    self._rename_unsynced = False
         except BaseException:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._journal, end)
@@ -345,7 +363,7 @@ class JobStore:
         tmp = self.root / f".{JOURNAL}.tmp"
         fd = -1
         try:
-            data = memoryview(os.pread(self._journal, end, 0))
+            data = memoryview(_pread_all(self._journal, end, 0))
             parts: list[bytes | memoryview] = []
             index: dict[str, tuple[int, int]] = {}
             at = 0
@@ -360,7 +378,7 @@ class JobStore:
             del data, parts
             base = os.fstat(fd).st_size
             with lock:
-                tail = os.pread(self._journal, self.journal_size() - end, end)
+                tail = _pread_all(self._journal, self.journal_size() - end, end)
                 if tail:
                     _write_all(fd, tail)
                     if self.durable:
@@ -370,7 +388,6 @@ class JobStore:
                 fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
                 os.rename(tmp, self.root / JOURNAL)
                 old, self._journal, fd = self._journal, fd, -1
-                os.close(old)
                 for job_id in self._appended:  # what the commits since changed, at its new place
                     if job_id in self._where:
                         offset, length = self._where[job_id]
@@ -380,8 +397,12 @@ class JobStore:
                         index.pop(job_id, None)
                         kept.add(job_id)
                 self._where, self._tombstones, self._appended = index, kept, None
-                if self.durable:  # before the next commit is acknowledged
+                with contextlib.suppress(OSError):  # the index is the new journal's already
+                    os.close(old)
+                if self.durable:  # before the next commit is acknowledged (else that commit does it first)
+                    self._rename_unsynced = True
                     _fsync_dir(self.root)
+                    self._rename_unsynced = False
                 return base + len(tail)
         except BaseException:
             with lock:

@@ -22,6 +22,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
@@ -407,6 +408,24 @@ def cmd_box() -> int:
     return 0
 
 
+def _one_run_at_a_time() -> bool:
+    """Hold the harness's lock until this process ends: runs share the cache dir's libvirt, network namespace, pool
+    and domain name, and a second one would take the first one's VM for a stale one and remove it."""
+    path = cache_dir() / "run" / "harness.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.with_suffix(".pid")
+        pid = holder.read_text().strip() if holder.exists() else "?"
+        say(f"another vm/harness.py run (pid {pid}) holds {path}: wait for it to end, or end it, then run this again")
+        return False
+    path.with_suffix(".pid").write_text(f"{os.getpid()}\n")
+    return True  # fd stays open (and locked) for the rest of this process
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("command", nargs="?", default="test", choices=["test", "up", "ssh", "down", "box"])
@@ -422,6 +441,8 @@ def main() -> int:
             return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
+    if args.command in ("test", "up", "down", "box") and not _one_run_at_a_time():
+        return 2
     if args.command == "test":
         return cmd_test(keep=os.environ.get("VM_KEEP", "") not in ("", "0"))
     if args.command == "up":

@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -84,6 +85,17 @@ def excess(
         return []
     waiting.sort(key=lambda c: (c.received > 0, first_seen.get(c.inode, 0.0)))
     return waiting[:over]
+
+
+def peer_name(grpc_peer: str) -> str:
+    """context.peer() in the form the listings use: grpc percent-encodes an IPv6 peer's brackets (and the % of a
+    zone), as in ipv6:%5B::1%5D:5678, which the listings name ipv6:[::1]:5678; a zone (fe80::1%eth0) is dropped, as
+    the kernel's listing has none."""
+    name = urllib.parse.unquote(grpc_peer)
+    if name.startswith("ipv6:[") and "%" in name:
+        head, _, rest = name.partition("%")
+        name = head + rest[rest.index("]") :] if "]" in rest else name
+    return name
 
 
 def _peer(family: int, address: bytes, port: int) -> str:
@@ -305,8 +317,8 @@ class ConnectionReserve:
         self.closed = 0  # connections shut down so far (for the log and the tests)
 
     def admit(self, peer: str) -> None:
-        """A call from peer passed the identity check: its connection may use the reserve."""
-        self._authenticated.setdefault(peer, 0)
+        """A call from peer (context.peer()) passed the identity check: its connection may use the reserve."""
+        self._authenticated.setdefault(peer_name(peer), 0)
 
     def watch(self, port: int) -> bool:
         """Sweep every period from now on (call on the event loop, once the server listens on port). False, with one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import selectors
@@ -179,3 +180,27 @@ def _open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_front_end_that_sends_descriptors_without_end_is_dropped(agent: Agent) -> None:
+    # each piece of a request may carry descriptors: without a cap one client of this user could fill the agent's
+    # descriptor table within the request's deadline
+    agent.listen()
+    frame = _request([b"PYTHONJOBCTLTEST=1"])
+    null = os.open(os.devnull, os.O_RDWR)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(agent.sock_path)
+        before = len(os.listdir("/proc/self/fd"))
+        sent = 0
+        with contextlib.suppress(BrokenPipeError):  # the agent has hung up on it
+            for byte in frame[: front.MAX_FDS]:  # a byte at a time, each with MAX_FDS descriptors
+                sock.sendmsg([bytes([byte])], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("8i", *[null] * 8))])
+                sent += 1
+                agent.step()
+        assert sent < front.MAX_FDS and not agent.requests  # dropped once it held more than MAX_FDS
+        assert len(os.listdir("/proc/self/fd")) <= before  # and what it sent closed
+    finally:
+        os.close(null)
+        sock.close()
+        agent.retire()

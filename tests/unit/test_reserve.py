@@ -25,6 +25,7 @@ from jobsvc.server.reserve import (
     listed,
     listed_in_proc,
     parse_proc_tcp,
+    peer_name,
     reserve_default,
     shut_down,
     socket_fds,
@@ -327,3 +328,39 @@ async def test_a_dual_stack_listener_is_swept_from_its_ipv6_table_alone_v4_clien
             with accepted:
                 found = lister(port, TCP_ESTABLISHED, reserve._families)
                 assert [c.peer for c in found] == [f"ipv4:127.0.0.1:{client.getsockname()[1]}"]
+
+
+def test_peer_name_undoes_grpcs_percent_encoding_of_ipv6_peers() -> None:
+    assert peer_name("ipv4:127.0.0.1:5678") == "ipv4:127.0.0.1:5678"
+    assert peer_name("ipv6:%5B::1%5D:5678") == "ipv6:[::1]:5678"
+    assert peer_name("ipv6:%5Bfe80::1%25eth0%5D:5678") == "ipv6:[fe80::1]:5678"  # the kernel's listing has no zone
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_the_peer_grpc_names_is_the_one_the_listings_name(host: str) -> None:
+    # An authenticated IPv6 client was never matched: grpc wrote ipv6:%5B::1%5D:port, the listings ipv6:[::1]:port.
+    import grpc
+    from grpc import aio
+
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    seen: list[str] = []
+    listings: list[list[Connection]] = []
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        seen.append(context.peer())
+        listings.append(listed(port) + listed_in_proc(port))  # while the call's connection is open
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("t.T", {"M": grpc.unary_unary_rpc_method_handler(call)})
+    server = aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"[{host}]:0" if ":" in host else f"{host}:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}") as channel:
+            await channel.unary_unary("/t.T/M", None, None)(b"")
+    finally:
+        await server.stop(None)
+    (peer,), (connections,) = seen, listings
+    assert {c.peer for c in connections if c.inode} == {peer_name(peer)}  # both listings, one name
