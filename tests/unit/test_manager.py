@@ -226,8 +226,10 @@ async def test_a_full_state_disk_at_the_record_is_resource_exhausted_and_undone(
     assert not proc.alive and proc.received == [signal.SIGKILL]  # it had started: its group was emptied
     monkeypatch.undo()  # the disk has room again when the killed job's end comes
     await supervised("0000aaaa-full")
+    await engine.manager.settled()  # the failed Start's removal deletes its files in the writer's thread
     assert not engine.store.job_dir("0000aaaa-full").exists()  # its end wrote no record of a job never started
     engine.manager.collect_garbage()
+    await engine.manager.settled()
     assert not engine.store.job_dir("0000aaaa-full").exists()
     assert engine.manager.list(ALICE) == []
     await engine.manager.settled()  # its files are removed in the record writer's threads
