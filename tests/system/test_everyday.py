@@ -256,18 +256,23 @@ class Drain:
         return self.got[self.out_fd], self.got[self.err_fd]
 
 
+def stream_through(proxy: FlakyProxy, server: Server, job_id: str) -> tuple[subprocess.Popen[bytes], Drain]:
+    """`jobctl stream` of job_id through proxy, its output drained as it comes."""
+    watcher = subprocess.Popen(
+        [JOBCTL, "--target", f"127.0.0.1:{proxy.port}", "stream", "--id", job_id],
+        env=server.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    return watcher, Drain(watcher)
+
+
 def test_stream_resumes_after_a_dropped_connection(server: Server) -> None:
     proxy = FlakyProxy(server.port)
     try:
         script = "for i in $(seq 1 60); do echo line-$i; sleep 0.05; done"
         job_id = ok(server, "start", "--", "sh", "-c", script).strip()
-        watcher = subprocess.Popen(
-            [JOBCTL, "--target", f"127.0.0.1:{proxy.port}", "stream", "--id", job_id],
-            env=server.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        output = Drain(watcher)
+        watcher, output = stream_through(proxy, server, job_id)
         output.until(lambda out, _err: b"line-1\n" in out)
         time.sleep(0.5)
         proxy.cut()
@@ -285,13 +290,7 @@ def test_stream_resumes_after_its_connection_goes_silent(server: Server) -> None
     proxy = FlakyProxy(server.port)
     try:
         job_id = ok(server, "start", "--", "sh", "-c", "echo first; exec sleep 600").strip()
-        watcher = subprocess.Popen(
-            [JOBCTL, "--target", f"127.0.0.1:{proxy.port}", "stream", "--id", job_id],
-            env=server.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        output = Drain(watcher)
+        watcher, output = stream_through(proxy, server, job_id)
         output.until(lambda out, _err: b"first\n" in out)
         proxy.go_silent()
         output.until(lambda _out, err: b"was lost" in err)
