@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from jobsvc.model import JobRecord
-from jobsvc.store import Entry, JobStore, record_entry, removal_entry
+from jobsvc.store import Entry, JobStore, record_entry, record_json, removal_entry
 
 log = logging.getLogger(__name__)
 
@@ -284,12 +284,13 @@ class RecordWriter:
         elif op.job_id in self._removed:
             batch.dropped.append(op)  # a late save of a removed job: it must not bring the job back
         else:
+            payload = record_json(op.record)  # once, for the mirror and the journal line
             try:
-                batch.staged[op.job_id] = self._store.stage(op.record)
+                batch.staged[op.job_id] = self._store.stage(op.record, payload)
             except OSError as e:
                 batch.refused.append((op, e))
                 return
-            batch.entries.append(record_entry(op.record))
+            batch.entries.append(record_entry(op.record, payload))
             batch.waiting.append(op)
 
     def _forget(self, job_id: str) -> None:

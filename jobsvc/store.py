@@ -86,8 +86,16 @@ def _fsync_dir(path: str | Path) -> None:
 
 def journal_line(entry: dict[str, Any]) -> bytes:
     """One journal entry: its CRC-32 in hex, a space, its JSON (which has no raw newline), a newline."""
-    payload = json.dumps(entry).encode()
+    return _line_of(json.dumps(entry).encode())
+
+
+def _line_of(payload: bytes) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def record_json(record: JobRecord) -> bytes:
+    """The record as JSON: what its journal line and its record.json both hold (encoded once for both)."""
+    return json.dumps(record_to_json(record)).encode()
 
 
 class Entry(NamedTuple):
@@ -98,8 +106,9 @@ class Entry(NamedTuple):
     removed: bool = False
 
 
-def record_entry(record: JobRecord) -> Entry:
-    return Entry(record.id, journal_line(record_to_json(record)))
+def record_entry(record: JobRecord, payload: bytes | None = None) -> Entry:
+    """The record's journal entry; payload, if given, is its record_json()."""
+    return Entry(record.id, _line_of(record_json(record) if payload is None else payload))
 
 
 def removal_entry(job_id: str) -> Entry:
@@ -271,9 +280,10 @@ class JobStore:
 
     def save(self, record: JobRecord) -> None:
         """Write one record durably (a batch of one; the engine batches them through records.RecordWriter)."""
-        tmp = self.stage(record)
+        payload = record_json(record)
+        tmp = self.stage(record, payload)
         try:
-            self.commit([record_entry(record)])
+            self.commit([record_entry(record, payload)])
         except BaseException:
             self.unstage(tmp)
             raise
@@ -281,8 +291,9 @@ class JobStore:
 
     # -- the write path, in the order a batch takes it (records.RecordWriter, one thread) ---------------------------
 
-    def stage(self, record: JobRecord) -> str:
-        """Write the record's mirror to a temp file beside record.json (unsynced); its path.
+    def stage(self, record: JobRecord, payload: bytes | None = None) -> str:
+        """Write the record's mirror (payload: its record_json(), if the caller has it) to a temp file beside
+        record.json (unsynced); its path.
 
         First, because it is where a full disk shows: a record that does not fit is refused before the journal
         names it, so record.json and a restart both keep its last written state."""
@@ -292,7 +303,7 @@ class JobStore:
         tmp = f"{d}/.record.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            data = json.dumps(record_to_json(record)).encode()
+            data = record_json(record) if payload is None else payload
             if os.write(fd, data) != len(data):
                 raise OSError(28, os.strerror(28), tmp)  # a short write: the disk is full
         except BaseException:

@@ -44,10 +44,10 @@ class GatedStore(JobStore):
         self.full = False
         self.commits: list[list[Entry]] = []
 
-    def stage(self, record: JobRecord) -> str:
+    def stage(self, record: JobRecord, payload: bytes | None = None) -> str:
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return super().stage(record)
+        return super().stage(record, payload)
 
     def commit(self, entries: Sequence[Entry]) -> None:
         self.entered.set()
