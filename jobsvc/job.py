@@ -127,15 +127,18 @@ class Job:
         check_transition(self.status, new)
         self.status = new
 
-    def record(self) -> JobRecord:
-        """The record: the fields the job holds under their own names, and these computed ones."""
+    def record(self, usage: Usage | None = None) -> JobRecord:
+        """The record: the fields the job holds under their own names, and these computed ones (usage, if given,
+        in place of the figures the groups have: a job whose process has not exec'd yet has used nothing)."""
         exit_info = self.exit or ExitInfo(None, None)
+        if usage is None:
+            usage = self.usage if self.ended else self._live_usage()
         return _record_of(
             self,
             command=self.argv,
             exit_code=exit_info.exit_code,
             signal=exit_info.signal,
-            usage=self.usage if self.ended else self._live_usage(),
+            usage=usage,
             output_bytes=self.output.size,
             output_dropped_bytes=self.output.start,
             output_lost_bytes=self.output.lost_bytes,

@@ -24,7 +24,7 @@ from jobsvc.errors import InvalidArgumentError, ResourceExhaustedError, Unavaila
 from jobsvc.heap import release_free_heap
 from jobsvc.job import Clock, Job, utc_now
 from jobsvc.limits import LimitPolicy
-from jobsvc.model import JobRecord, Limits
+from jobsvc.model import JobRecord, Limits, Usage
 from jobsvc.output import Chunk, OutputLog, chunk_size_for, segment_size_for
 from jobsvc.pipe import pipe
 from jobsvc.quota import Quota
@@ -376,9 +376,7 @@ class JobManager:
                 undo.callback(output.close)
                 job = self._new_job(job_id, owner, spec, lodging, group, output)
                 undo.callback(job.abandon)
-                await self._spawn(job, spec, self._request(spec, lodging, group), undo)
-                record = job.record()
-                await self._write(record)  # acknowledged only once it is on disk
+                record = await self._spawn(job, spec, self._request(spec, lodging, group), undo)
             undo.pop_all()
         return job, lodging.user, record
 
@@ -426,8 +424,15 @@ class JobManager:
             budget=self._budget(owner),
         )
 
-    async def _spawn(self, job: Job, spec: JobSpec, request: SpawnRequest, undo: contextlib.AsyncExitStack) -> None:
-        """Start the job's process on two fresh pipes; the job takes their read ends, the process the write ends."""
+    async def _spawn(
+        self, job: Job, spec: JobSpec, request: SpawnRequest, undo: contextlib.AsyncExitStack
+    ) -> JobRecord:
+        """Start the job's process on two fresh pipes (the job takes their read ends, the process the write ends)
+        and write its record; returns the record once it is durable and the process has exec'd.
+
+        The record is queued as soon as the process exists, so that its fdatasync overlaps the child's setup
+        (groups, namespaces, mounts, exec); a spawn that fails after it is undone by the tombstone queued behind
+        it, and a record the disk refuses undoes the started process (its groups are emptied)."""
         out_r, out_w = pipe()
         undo.enter_context(out_r)
         undo.enter_context(out_w)
@@ -435,14 +440,32 @@ class JobManager:
         undo.enter_context(err_r)
         undo.enter_context(err_w)
         spawner = self._live_spawner()
+        written: asyncio.Future[None] | None = None
+        first: JobRecord | None = None
+
+        def forked(pid: int) -> None:
+            nonlocal written, first
+            job.pid = pid
+            first = job.record(usage=NO_USAGE)
+            written = self._records.queue(first)
+
         with out_w, err_w:  # the process has its own copies now: its end is the pipes' EOF
             try:
-                pid, exit_status = await spawner.spawn(request, out_w, err_w)
-            except SpawnError as e:
-                raise _spawn_error(spec.argv[0], e, spec.workdir) from None
+                pid, exit_status = await spawner.spawn(request, out_w, err_w, forked)
+            except BaseException as e:
+                if written is not None:  # its outcome no longer matters (undo tombstones the job), only retrieved
+                    written.add_done_callback(_retrieved)
+                if isinstance(e, SpawnError):
+                    raise _spawn_error(spec.argv[0], e, spec.workdir) from None
+                raise
         job.attach(pid, exit_status, out_r.fileno(), err_r.fileno())
         out_r.detach()  # the job's now: it closes them at EOF
         err_r.detach()
+        if written is None or first is None:  # a spawner that does not tell the fork
+            first = job.record(usage=NO_USAGE)
+            written = self._records.queue(first)
+        await written  # acknowledged only once it is on disk
+        return first
 
     def _live_spawner(self) -> Spawner:
         if not self._spawner.alive:
@@ -461,10 +484,6 @@ class JobManager:
         self._uids.release(self._users.pop(job.id))
         self._running.give_back(job.owner)
         await asyncio.to_thread(self._work.remove_private, job.id)
-
-    async def _write(self, record: JobRecord) -> None:
-        """Return once the record is durable (written in a batch by the writer's thread); raises OSError."""
-        await self._records.save(record)
 
     async def settled(self) -> None:
         """Until every record write and job removal asked for so far is done (they run in the writer's threads)."""
@@ -673,6 +692,15 @@ def user_share(config: EngineConfig, state_dir: Path) -> int | None:
         st = os.statvfs(state_dir)
         caps.append(st.f_blocks * st.f_frsize)
     return min(caps) // 4 if caps else None
+
+
+# a job's record as its process is forked: nothing is used yet (reading its groups cost four file reads per Start)
+NO_USAGE = Usage(cpu_seconds=0.0, cpu_throttled_periods=0, memory_peak_bytes=0, io_read_bytes=0, io_write_bytes=0)
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _discard_group(group: JobGroup) -> None:

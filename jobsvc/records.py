@@ -82,7 +82,11 @@ class RecordWriter:
 
     async def save(self, record: JobRecord) -> None:
         """Return once the record is durable; raise the OSError that refused it."""
-        await asyncio.wrap_future(self._submit(record))
+        await self.queue(record)
+
+    def queue(self, record: JobRecord) -> asyncio.Future[None]:
+        """save(), queued now (before anything the caller queues next): a future of its durability."""
+        return asyncio.wrap_future(self._submit(record))
 
     async def persist(self, record: JobRecord) -> None:
         """save(), but a record the disk refused is kept for the janitor's retry instead of failing the caller."""

@@ -20,7 +20,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,11 +67,14 @@ class Spawner(Protocol):
         """False once the helper is gone: its jobs are being killed, new ones need a new spawner (launch)."""
         ...
 
-    async def spawn(self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno) -> tuple[int, asyncio.Future[int]]:
+    async def spawn(
+        self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno, forked: Callable[[int], None] | None = None
+    ) -> tuple[int, asyncio.Future[int]]:
         """Start a process with these pipe ends as its stdout/stderr; its pid and a future of its wait status.
 
-        Raises SpawnError; the future raises ConnectionError if the helper dies first. The caller keeps (and
-        closes) its own ends."""
+        forked(pid), if given, may be called on the loop once the process exists, before it has exec'd (the
+        caller may write the job's record meanwhile; spawn() can still fail after it). Raises SpawnError; the
+        future raises ConnectionError if the helper dies first. The caller keeps (and closes) its own ends."""
         ...
 
     def launch(self) -> Spawner:
@@ -91,6 +94,7 @@ class HelperSpawner:
         self._sock = sock
         self._seq = 0
         self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], asyncio.Future[int] | None]]] = {}
+        self._forked: dict[int, Callable[[int], None]] = {}  # seq -> the caller's forked(pid), until it is told
         # the processes whose exit has not been reported yet: an entry goes when its exit arrives
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,6 +158,12 @@ class HelperSpawner:
                 if fut is not None and not fut.done():
                     fut.set_result(msg["status"])
                 continue
+            if "forked" in msg:
+                told = self._forked.pop(msg["seq"], None)
+                if told is not None:
+                    told(msg["forked"])
+                continue
+            self._forked.pop(msg["seq"], None)
             reply = self._replies.pop(msg["seq"], None)
             if reply is None or reply.done():
                 continue
@@ -178,6 +188,7 @@ class HelperSpawner:
             if not fut.done():
                 fut.set_exception(err)
         self._replies.clear()
+        self._forked.clear()
         for exit_fut in self._exits.values():
             if not exit_fut.done():
                 exit_fut.set_exception(err)
@@ -188,7 +199,9 @@ class HelperSpawner:
         """How many started processes have not had their exit reported yet."""
         return len(self._exits)
 
-    async def spawn(self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno) -> tuple[int, asyncio.Future[int]]:
+    async def spawn(
+        self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno, forked: Callable[[int], None] | None = None
+    ) -> tuple[int, asyncio.Future[int]]:
         """Start a process; returns its pid and a future of its wait status. Raises SpawnError."""
         self._ensure_reader()
         assert self._loop is not None
@@ -210,6 +223,8 @@ class HelperSpawner:
             raise SpawnError(errno.E2BIG, "request", "the command and environment are too large")
         fut: asyncio.Future[tuple[dict[str, Any], asyncio.Future[int] | None]] = self._loop.create_future()
         self._replies[seq] = fut
+        if forked is not None:
+            self._forked[seq] = forked
         async with self._lock:  # one sendmsg at a time; the socket is non-blocking
             while True:
                 try:
@@ -217,7 +232,10 @@ class HelperSpawner:
                     break
                 except BlockingIOError:
                     await asyncio.sleep(0.001)
-        reply, exit_status = await fut
+        try:
+            reply, exit_status = await fut
+        finally:
+            self._forked.pop(seq, None)
         if exit_status is not None:
             return int(reply["pid"]), exit_status
         raise SpawnError(int(reply["errno"]), reply["stage"], reply.get("detail", ""))

@@ -172,8 +172,9 @@ class _Pending:
         self.status: int | None = None  # reaped before its pipe said exec: told once its pid is
 
 
-def _spawn(msg: dict[str, Any], fds: list[int], pending: dict[int, _Pending]) -> dict[str, Any] | None:
-    """Fork the job; None if it is now pending (its status pipe in pending), else the reply (an error)."""
+def _spawn(msg: dict[str, Any], fds: list[int], pending: dict[int, _Pending]) -> dict[str, Any]:
+    """Fork the job; the first reply: {"forked": pid} if it is now pending (its status pipe in pending; the
+    server can write the job's record while the child sets up), else the error."""
     if len(fds) != 2 or not msg.get("argv"):
         for fd in fds:
             os.close(fd)
@@ -195,7 +196,7 @@ def _spawn(msg: dict[str, Any], fds: list[int], pending: dict[int, _Pending]) ->
     os.close(out)
     os.close(err)
     pending[status_r] = _Pending(msg["seq"], pid)
-    return None
+    return {"seq": msg["seq"], "forked": pid}
 
 
 def _settle(fd: int, job: _Pending) -> dict[str, Any] | None:
@@ -264,9 +265,7 @@ def _serve(sock: socket.socket, wake_r: int) -> None:
             msg_bytes, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 8, socket.MSG_CMSG_CLOEXEC)
             if not msg_bytes:
                 return
-            error = _spawn(json.loads(msg_bytes), fds, pending)
-            if error is not None:
-                sock.sendall(json.dumps(error).encode())
+            sock.sendall(json.dumps(_spawn(json.loads(msg_bytes), fds, pending)).encode())
         _reap(sock, leaders, pending)
 
 

@@ -14,7 +14,7 @@ import errno
 import os
 import signal
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,10 +203,15 @@ class FakeSpawner:
     def alive(self) -> bool:
         return self._alive
 
-    async def spawn(self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno) -> tuple[int, asyncio.Future[int]]:
+    async def spawn(
+        self, req: SpawnRequest, stdout: HasFileno, stderr: HasFileno, forked: Callable[[int], None] | None = None
+    ) -> tuple[int, asyncio.Future[int]]:
         if self.hold is not None:
             await self.hold
         if self.fail is not None:
+            if self.fail.stage not in ("request", "fork") and forked is not None:
+                self._next_pid += 1
+                forked(self._next_pid)  # the real helper tells the fork before its child fails
             raise self.fail
         self.requests.append(req)
         self._next_pid += 1
@@ -214,6 +219,8 @@ class FakeSpawner:
         proc = FakeProcess(self._next_pid, os.dup(stdout.fileno()), os.dup(stderr.fileno()), self.ignores)
         self.driver.joined(req.join_files).processes.append(proc)
         self.processes.append(proc)
+        if forked is not None:
+            forked(proc.pid)
         return proc.pid, proc.status
 
     def launch(self) -> FakeSpawner:

@@ -101,6 +101,32 @@ async def test_a_refused_start_raises_its_errno_and_stage(helper: Helper) -> Non
     assert (e.value.errno, e.value.stage, helper.spawner.waiting) == (2, "exec", 0)
 
 
+async def test_the_fork_is_told_before_the_start_and_also_before_a_failed_exec(helper: Helper) -> None:
+    told: list[int] = []
+    for pid, reply in ((8000, {"pid": 8000}), (8001, {"errno": 13, "stage": "exec"})):
+        call = asyncio.ensure_future(helper.spawner.spawn(REQUEST, helper.out, helper.out, told.append))
+        seq = (await helper.request())["seq"]
+        helper.send(seq=seq, forked=pid)
+        while told[-1:] != [pid]:
+            await asyncio.sleep(0.001)
+        assert not call.done()  # told, but not started: the child has not exec'd yet
+        helper.send(seq=seq, **reply)
+        if "pid" in reply:
+            assert (await call)[0] == pid
+        else:
+            with pytest.raises(SpawnError):
+                await call
+    assert told == [8000, 8001] and helper.spawner._forked == {}
+
+
+async def test_a_fork_nobody_asked_to_hear_of_is_ignored(helper: Helper) -> None:
+    call = asyncio.ensure_future(helper.spawner.spawn(REQUEST, helper.out, helper.out))
+    seq = (await helper.request())["seq"]
+    helper.send(seq=seq, forked=8100)
+    helper.send(seq=seq, pid=8100)
+    assert (await call)[0] == 8100
+
+
 async def test_the_helpers_death_fails_every_awaited_exit_and_keeps_none(helper: Helper) -> None:
     statuses = [await helper.start(pid) for pid in (7000, 7001)]
     helper.sock.shutdown(socket.SHUT_RDWR)
