@@ -483,7 +483,8 @@ class JobManager:
         self._work.retire(job.id)
         self._uids.release(self._users.pop(job.id))
         self._running.give_back(job.owner)
-        await asyncio.to_thread(self._work.remove_private, job.id)
+        if not self._work.clear_private(job.id):
+            await asyncio.to_thread(self._work.remove_private, job.id)
 
     async def settled(self) -> None:
         """Until every record write and job removal asked for so far is done (they run in the writer's threads)."""

@@ -12,6 +12,7 @@ to root, mode 0700 [systemd: DynamicUser= with PrivateTmp= and RemoveIPC=].
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ class Workspace(Protocol):
     def make_private(self, job_id: str) -> tuple[str, str]: ...
 
     def retire(self, job_id: str) -> None: ...
+
+    def clear_private(self, job_id: str) -> bool: ...
 
     def remove_private(self, job_id: str) -> None: ...
 
@@ -47,22 +50,32 @@ class WorkRoot:
         os.chmod(self._private, 0o700)
 
     def make_workdir(self, job_id: str, uid: int, gid: int) -> Path:
-        path = self.root / job_id
-        path.mkdir(mode=0o700)
+        path = f"{self.root}/{job_id}"  # plain str paths on the Start path: pathlib's parsing showed in its profile
+        os.mkdir(path, 0o700)
         os.chown(path, uid, gid)
-        return path
+        return Path(path)
 
     def make_private(self, job_id: str) -> tuple[str, str]:
         """The job's private /tmp and /var/tmp (sticky and world-writable inside, like the real ones)."""
-        base = self._private / job_id
-        base.mkdir(mode=0o700)
-        dirs = []
-        for name in ("tmp", "var-tmp"):
-            d = base / name
-            d.mkdir()
+        base = f"{self._private}/{job_id}"
+        os.mkdir(base, 0o700)
+        dirs = (f"{base}/tmp", f"{base}/var-tmp")
+        for d in dirs:
+            os.mkdir(d)
             os.chmod(d, 0o1777)
-            dirs.append(str(d))
-        return dirs[0], dirs[1]
+        return dirs
+
+    def clear_private(self, job_id: str) -> bool:
+        """Remove the job's private /tmp and /var/tmp if the job left them empty (most jobs: three rmdirs, cheap
+        enough for the event loop); False if anything is left, for remove_private() in a thread."""
+        base = f"{self._private}/{job_id}"
+        try:
+            for d in (f"{base}/tmp", f"{base}/var-tmp", base):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(d)
+        except OSError:  # ENOTEMPTY mostly; whatever it is, the thorough way decides
+            return False
+        return True
 
     def retire(self, job_id: str) -> None:
         """The job has ended: its working directory becomes root's (its uid may run the next job)."""

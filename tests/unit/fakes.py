@@ -256,6 +256,9 @@ class FakeWorkspace:
     def retire(self, job_id: str) -> None:
         self.retired.append(job_id)
 
+    def clear_private(self, job_id: str) -> bool:
+        return False  # as if the job left files there: the engine removes them in a thread
+
     def remove_private(self, job_id: str) -> None:
         self.private_removed.append(job_id)
 
