@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -125,6 +126,7 @@ class Job:
             raise ValueError("only ended jobs can be restored")
         job = cls.__new__(cls)
         _restore_fields(job, record)
+        job.owner = sys.intern(record.owner)  # one string per owner, not per job
         job.argv = record.command
         job.group = group
         job.output = output

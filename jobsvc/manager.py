@@ -188,8 +188,7 @@ class JobManager:
             for job in restored:
                 self._budget(job.owner).used += job.output_bytes
             epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
-            for job in sorted(restored, key=lambda j: j.ended_at or epoch):
-                self._ended.add(job)
+            self._ended.extend(sorted(restored, key=lambda j: j.ended_at or epoch))
         finally:
             if collecting:
                 gc.enable()
