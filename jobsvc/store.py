@@ -482,17 +482,22 @@ class JobStore:
         del data
         from_files = 0
         with os.scandir(base) as entries:
-            names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        on_disk = {name for name, _ in names}
+            is_dir = {e.name: e.is_dir(follow_symlinks=False) for e in entries}
         # a job the journal names whose directory is gone (nothing of it but its record) is still a job
-        names += [(job_id, True) for job_id, entry in journal.items() if entry is not None and job_id not in on_disk]
-        for name, is_dir in sorted(names):
-            if not is_dir:
+        for job_id, entry in journal.items():
+            if entry is not None and job_id not in is_dir:
+                is_dir[job_id] = True
+        in_journal = journal.get
+        for name in sorted(is_dir):
+            if not is_dir[name]:
                 skipped.append((name, "not a job directory"))
+                continue
+            entry = in_journal(name)
+            if type(entry) is JobRecord and entry.id == name:  # the usual case, first
+                records.append(entry)
                 continue
             try:
                 if name in journal:
-                    entry = journal[name]
                     if entry is None:
                         skipped.append((name, REMOVED))
                         continue
