@@ -38,13 +38,6 @@ class _Index(Generic[E]):
         else:
             bisect.insort(self.order, key)
 
-    def extend(self, entries: list[E]) -> None:
-        """Add many at once (a restart): one sort per index instead of an insertion each."""
-        for e in entries:
-            self.by_id[e.id] = e
-        self.ids = sorted(self.by_id)
-        self.order = sorted((e.started_at, e.id) for e in self.by_id.values())
-
     def remove(self, e: E) -> None:
         if self.by_id.pop(e.id, None) is None:
             return
@@ -71,13 +64,31 @@ class Catalog(Generic[E]):
         self._owners.setdefault(e.owner, _Index()).add(e)
 
     def extend(self, entries: list[E]) -> None:
-        """Add many at once, as a restart does (sorting once rather than inserting one by one)."""
-        self._all.extend(entries)
-        by_owner: dict[str, list[E]] = {}
+        """Add many at once, as a restart does: all the ids sorted once and all the start keys once; each owner's
+        lists are those in order, holding the same key tuples (a sort per owner too was a third of the time)."""
+        every, owners = self._all, self._owners
+        touched: dict[str, _Index[E]] = {}
         for e in entries:
-            by_owner.setdefault(e.owner, []).append(e)
-        for owner, owned in by_owner.items():
-            self._owners.setdefault(owner, _Index()).extend(owned)
+            every.by_id[e.id] = e
+            owned = touched.get(e.owner)
+            if owned is None:
+                owned = touched[e.owner] = owners.setdefault(e.owner, _Index())
+            owned.by_id[e.id] = e
+        every.ids = sorted(every.by_id)
+        every.order = sorted([(e.started_at, e.id) for e in every.by_id.values()])
+        by_id = every.by_id
+        ids: dict[str, list[str]] = {owner: [] for owner in touched}
+        order: dict[str, list[Key]] = {owner: [] for owner in touched}
+        for job_id in every.ids:
+            owned_ids = ids.get(by_id[job_id].owner)
+            if owned_ids is not None:
+                owned_ids.append(job_id)
+        for key in every.order:
+            owned_order = order.get(by_id[key[1]].owner)
+            if owned_order is not None:
+                owned_order.append(key)
+        for owner, owned in touched.items():
+            owned.ids, owned.order = ids[owner], order[owner]
 
     def remove(self, e: E) -> None:
         self._all.remove(e)

@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +34,21 @@ def utc_now() -> dt.datetime:
 
 
 _NO_BUDGET = Budget(None)  # for jobs outside any user's share (restored ones write nothing)
+_NO_USAGE = Usage()  # frozen: the live figures of every restored job (it has no groups to read)
+_EXITS: dict[tuple[int | None, int | None], ExitInfo] = {}  # frozen, and few tell every job's end apart
+
+
+def _exit_info(exit_code: int | None, sig: int | None) -> ExitInfo:
+    """ExitInfo(exit_code, sig), one instance per value that is an exit code or a signal number."""
+    key = (exit_code, sig)
+    info = _EXITS.get(key)
+    if info is None:
+        info = ExitInfo(exit_code, sig)
+        if (exit_code is None or -1 <= exit_code <= 255) and (sig is None or 0 <= sig <= 128):
+            _EXITS[key] = info
+    return info
+
+
 _DONE = asyncio.Event()  # the set event every restored job shares: waiting on it returns at once
 _DONE.set()
 
@@ -101,23 +117,29 @@ class Job:
 
     @classmethod
     def restore(cls, record: JobRecord, group: JobGroup, output: OutputLog) -> Job:
-        """An ended job read back from the state dir (its output stays streamable)."""
+        """An ended job read back from the state dir (its output stays streamable).
+
+        Sets every slot itself rather than through __init__ (a restart restores 50,000 jobs): what an ended job
+        holds is the record's fields and objects every restored job shares (tests/unit/test_job_restore.py checks
+        that this is what __init__ would have left)."""
         if not record.status.ended:
             raise ValueError("only ended jobs can be restored")
-        job = cls(
-            record.id,
-            record.owner,
-            record.command,
-            record.limits,
-            group,
-            output,
-            uid=record.uid,
-            workdir=record.workdir,
-            timeout=record.timeout_seconds,
-            ended=True,
-        )
+        job = cls.__new__(cls)
         _restore_fields(job, record)
-        job.exit = ExitInfo(record.exit_code, record.signal)
+        job.owner = sys.intern(record.owner)  # one string per owner, not per job
+        job.argv = record.command
+        job.group = group
+        job.output = output
+        job.exit = _exit_info(record.exit_code, record.signal)
+        job._clock = utc_now
+        job._budget = _NO_BUDGET
+        job._persist = None
+        job.timeout_grace = 5.0
+        job._deadline = job._timeout_task = None
+        job._live = _NO_USAGE
+        job._usage_at = -1e9
+        job._ended = _DONE
+        job._stop_reason = job._stop_deadline = job._stopping = job._supervisor = job._capture = None
         output.lost_bytes = max(output.lost_bytes, record.output_lost_bytes)
         return job
 

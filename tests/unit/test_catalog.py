@@ -75,3 +75,26 @@ def test_removal_and_prefixes() -> None:
     for t in twins:
         catalog.add(t)
     assert len(catalog.with_prefix("alice", "abcd")) == 2
+
+
+def test_many_added_at_once_are_indexed_as_if_added_one_by_one() -> None:
+    catalog, jobs = make(300, owners=("alice", "bob", "carol"))
+    bulk: Catalog[J] = Catalog()
+    bulk.add(jobs[5])  # some there already (an owner the bulk adds to, and one it does not)
+    dave = J("dddd-0", "dave", T0 - dt.timedelta(seconds=1))
+    bulk.add(dave)
+    catalog.add(dave)
+    bulk.extend(random.sample(jobs, len(jobs)))
+    assert len(bulk) == len(catalog) == 301
+    for owner in (None, "alice", "bob", "carol", "dave"):
+        for newest_first in (False, True):
+            want = [j for p in pages(catalog, owner, 13, newest_first=newest_first) for j in p]
+            assert [j for p in pages(bulk, owner, 13, newest_first=newest_first) for j in p] == want
+    assert [j for p in pages(bulk, "alice", 1000) for j in p] == [j for j in jobs if j.owner == "alice"]
+    target = jobs[123]
+    assert bulk.with_prefix(target.owner, target.id[:10]) == [target]
+    assert bulk.with_prefix("bob" if target.owner != "bob" else "alice", target.id[:10]) == []
+    for j in jobs[::2]:
+        bulk.remove(j)
+    assert [j for p in pages(bulk, None, 50) for j in p] == [dave, *jobs[1::2]]
+    assert [j for p in pages(bulk, "carol", 50) for j in p] == [j for j in jobs[1::2] if j.owner == "carol"]

@@ -271,3 +271,45 @@ def test_an_annotation_without_a_derived_form_is_refused_when_the_converter_is_m
     maybe = dataclasses.make_dataclass("Maybe", [("io", tuple[IoLimit, ...] | None)], frozen=True)
     with pytest.raises(TypeError, match=r"Maybe.io: a tuple field is never None"):
         codec.shapes(maybe)
+
+
+def test_a_record_read_with_every_key_and_one_read_leniently_share_their_default_objects() -> None:
+    whole = record_to_json(dataclasses.replace(FORMAT_1, limits=Limits(), usage=Usage()))
+    partial = dict(whole)
+    del partial["workdir"]  # an older record: the lenient reading
+    a, b = record_from_json(whole), record_from_json(partial)
+    assert a.limits is b.limits and a.usage is b.usage and a.limits == Limits()
+    assert a == dataclasses.replace(b, workdir=whole["workdir"])
+
+
+def test_what_a_record_cannot_hold_is_the_error_it_always_was() -> None:
+    whole = record_to_json(FORMAT_1)
+    with pytest.raises(ValueError, match="'gone' is not a valid JobStatus"):
+        record_from_json({**whole, "status": "gone"})
+    with pytest.raises(TypeError):
+        record_from_json({**whole, "argv": ["sh", 1]})
+    with pytest.raises(KeyError, match="owner"):
+        record_from_json({k: v for k, v in whole.items() if k != "owner"})
+    with pytest.raises(ValueError):
+        record_from_json({**whole, "started_at": "yesterday"})
+
+
+def test_argv_that_were_not_utf8_come_back_as_the_same_bytes() -> None:
+    record = dataclasses.replace(FORMAT_1, command=(b"printf", b"\xff\xfe", b"caf\xc3\xa9", b""))
+    assert record_from_json(json.loads(json.dumps(record_to_json(record)))).command == record.command
+
+
+def test_a_dataclass_with_a_post_init_is_decoded_through_its_init() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Checked:
+        n: int = 0
+        label: str = ""
+
+        def __post_init__(self) -> None:
+            if self.n < 0:
+                raise ValueError("negative")
+
+    decode = codec.store_decoder(Checked)
+    assert decode({"n": 2, "label": "x"}) == Checked(2, "x") and decode({}) == Checked()
+    with pytest.raises(ValueError, match="negative"):
+        decode({"n": -1})

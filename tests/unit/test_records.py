@@ -376,3 +376,55 @@ async def test_records_persisted_together_share_commits(store: GatedStore) -> No
     assert sum(len(c) for c in store.commits) == 8 and len(store.commits) <= 2
     records, _ = reload(store)
     assert {r.status for r in records.values()} == {JobStatus.STOPPED} and len(records) == 8
+
+
+async def test_entries_the_fast_json_parser_refuses_are_read_by_json(store: GatedStore) -> None:
+    # json.dumps writes NaN and Infinity, and a lone surrogate for each undecodable argv byte: orjson refuses them
+    odd = [
+        dataclasses.replace(record(1, JobStatus.FINISHED), timeout_seconds=float("inf")),
+        dataclasses.replace(record(2, JobStatus.FINISHED), command=(b"printf", b"\xff\xfe\x80")),
+        dataclasses.replace(record(3, JobStatus.FINISHED), reason="caf\u00e9 \U0001f600"),
+    ]
+    writer = opened(store)
+    for r in odd:
+        await writer.save(r)
+    writer.close()
+    records, skipped = reload(store)
+    assert skipped == [] and [records[r.id] for r in odd] == odd
+    nan = store_json(dataclasses.replace(record(4, JobStatus.FINISHED), timeout_seconds=float("nan")))
+    assert b"NaN" in journal_line(nan)
+    last, _ = read_journal(journal_line(nan))
+    entry = last[nan["id"]]
+    assert entry is not None and entry["timeout_seconds"] != entry["timeout_seconds"]  # NaN
+
+
+async def test_a_restart_that_keeps_the_journal_as_it_found_it_compacts_it_from_the_offsets_it_read(
+    store: GatedStore,
+) -> None:
+    writer = opened(store)
+    for n in range(6):
+        await writer.save(record(n, JobStatus.FINISHED))
+    writer.close()
+    store.close()
+    again = GatedStore(store.root)
+    try:
+        records, _ = again.load_all()
+        writer = RecordWriter(again, again.remove)
+        writer.open(records)  # one entry per job already: not written again, the offsets load_all read kept
+        await writer.save(dataclasses.replace(record(2, JobStatus.FINISHED), reason="saved again"))
+        writer.remove(record(4).id)
+        await writer.settled()
+        before = (again.root / JOURNAL).read_bytes().count(b"\n")
+        size = again.compact(lambda: (), threading.Lock())
+        assert size == (again.root / JOURNAL).stat().st_size and before == 8
+        compacted = (again.root / JOURNAL).read_bytes()
+        last, whole = read_journal(compacted)  # every line copied whole (record.json would hide a torn one)
+        assert whole == len(compacted) and compacted.count(b"\n") == 5  # jobs 0, 1, 3, 5 and the new 2
+        assert set(last) == {record(n).id for n in (0, 1, 2, 3, 5)}
+        writer.close()
+    finally:
+        again.close()
+    records_after, skipped = reload(again)
+    assert skipped == [] and set(records_after) == {record(n).id for n in (0, 1, 2, 3, 5)}
+    assert records_after[record(2).id].reason == "saved again"
+    assert all(records_after[record(n).id] == record(n, JobStatus.FINISHED) for n in (0, 1, 3, 5))

@@ -65,3 +65,16 @@ def test_discard_and_totals() -> None:
     e.discard(jobs[0])
     assert (len(e), e.total_bytes) == (2, 20)
     assert e.select(Policy(keep_per_user=1), NOW) == [jobs[1]]
+
+
+def test_many_added_at_once_are_kept_as_if_added_one_by_one() -> None:
+    jobs = [J(f"j{i}", ("alice", "bob", "carol")[i % 3], ago(100 - i), output_bytes=i) for i in range(30)]
+    one_by_one = kept(*jobs)
+    bulk = kept(jobs[0])  # one there already: not counted twice
+    bulk.extend([*jobs, jobs[4]])
+    assert len(bulk) == len(one_by_one) == 30 and bulk.total_bytes == one_by_one.total_bytes == sum(range(30))
+    for policy in (Policy(keep_per_user=4), Policy(keep_seconds=80.5), Policy(max_total_bytes=300)):
+        assert bulk.select(policy, NOW) == one_by_one.select(policy, NOW)
+    assert bulk.select(Policy(), NOW, user_excess={"bob": 10}) == one_by_one.select(
+        Policy(), NOW, user_excess={"bob": 10}
+    )
