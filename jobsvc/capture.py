@@ -59,6 +59,12 @@ DISK_RETRY = 0.1
 ANSWER_TIMEOUT = 5.0  # how long the thread waits for the loop's answer on a full share before storing anyway
 IDLE_THREADS = 16  # capture threads kept waiting for the next job
 IDLE_TIMEOUT = 10.0  # seconds an idle capture thread waits for one before it ends
+# How much lower than the event loop a capture thread's CPU priority is (its nice value above the server's). A job
+# writing at disk speed keeps its capture thread copying the pipe into the page cache (splice's memcpy: 0.3-0.7 of a
+# core at 100-150 MiB/s here); at the loop's priority that thread took the loop's CPU (the loop waited 300-580 ms of
+# each second in the run queue, against 50-100 with no writer) and every call waited. Lower, it still gets every
+# CPU nobody else wants; a job it slows down waits on its full pipe.
+NICE = 10
 
 
 class Threads:
@@ -67,9 +73,10 @@ class Threads:
     thread that takes a task when none is left idle starts one more (so the next caller need not wait for a start).
     """
 
-    def __init__(self, max_idle: int = IDLE_THREADS, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, max_idle: int = IDLE_THREADS, idle_timeout: float = IDLE_TIMEOUT, nice: int = NICE) -> None:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.nice = nice
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting on _tasks, less the tasks put there for them
         self._live = 0  # threads of this pool, running a task or idle
@@ -122,6 +129,7 @@ class Threads:
     def _serve(self, name: str, task: Callable[[], None] | None) -> None:
         me = threading.current_thread()
         spare = task is None
+        lower_priority(self.nice)
         while True:
             if task is not None:
                 self._add_spare()
@@ -148,6 +156,16 @@ class Threads:
 
 
 THREADS = Threads()
+
+
+def lower_priority(nice: int) -> None:
+    """Make the calling thread's nice value the process's plus nice (Linux: a thread id names one thread; set from
+    the process's, as a thread starts with its creator's, which may be another capture thread's)."""
+    if nice <= 0:
+        return
+    with contextlib.suppress(OSError):  # not allowed or not Linux: the thread keeps its priority
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's (its id is the process id)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, base + nice))
 
 
 class Capture:

@@ -326,6 +326,41 @@ def test_tasks_at_once_get_threads_of_their_own_and_only_max_idle_stay() -> None
     assert sum(t.is_alive() for t in started) <= 1
 
 
+def own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_capture_threads_run_below_the_process_priority_and_spares_do_not_add_up() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    pool = Threads(max_idle=4, idle_timeout=60, nice=3)
+    seen: list[int] = []
+    release = threading.Event()
+
+    def task() -> None:
+        seen.append(own_nice())
+        release.wait()
+
+    pool.run("capture-a", task)
+    until(lambda: pool.idle == 1)  # the spare, started by a's (lowered) thread
+    pool.run("capture-b", task)  # on that spare, which starts the next from itself
+    until(lambda: len(seen) == 2 and pool.idle == 1)
+    pool.run("capture-c", task)
+    until(lambda: len(seen) == 3)
+    assert seen == [min(19, base + 3)] * 3  # the process's plus 3, however many creators lowered before
+    assert own_nice() == base  # the caller (the event loop) keeps its own
+    release.set()
+    until(lambda: pool.idle == 4)
+
+
+def test_a_pool_with_no_nice_leaves_its_threads_at_the_process_priority() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    seen: list[int] = []
+    pool = Threads(max_idle=0, nice=0)
+    pool.run("capture-plain", lambda: seen.append(own_nice()))
+    until(lambda: bool(seen) and pool.live == 0)
+    assert seen == [base]
+
+
 def test_an_idle_thread_ends_after_its_timeout() -> None:
     pool = Threads(max_idle=4, idle_timeout=0.01)
     threads: list[threading.Thread] = []
