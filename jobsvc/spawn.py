@@ -109,11 +109,12 @@ class HelperSpawner:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_MESSAGE)
         # -S skips site processing (faster, smaller); the path to this package is handed over explicitly, which
-        # also covers editable installs whose finder lives in a .pth file.
+        # also covers editable installs whose finder lives in a .pth file. -P: not the working directory first
+        # (-m puts it there), where a `jobsvc` package would be run as root in place of this one.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join([package_root, *(p for p in sys.path if p)])
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-m", "jobsvc.spawn_helper", str(child.fileno()), str(os.getpid())],
+            [sys.executable, "-S", "-P", "-m", "jobsvc.spawn_helper", str(child.fileno()), str(os.getpid())],
             pass_fds=[child.fileno()],
             stdin=subprocess.DEVNULL,
             env={"PYTHONPATH": path},

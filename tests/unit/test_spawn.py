@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -134,3 +135,19 @@ async def test_the_helpers_death_fails_every_awaited_exit_and_keeps_none(helper:
         with pytest.raises(ConnectionError):
             await status
     assert helper.spawner.waiting == 0 and not helper.spawner.alive
+
+
+async def test_the_helper_is_this_package_s_whatever_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    impostor = tmp_path / "jobsvc"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    marker = tmp_path / "ran"
+    (impostor / "spawn_helper.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    spawner = HelperSpawner.launch()  # raises if the helper that started is not one that says it is ready
+    try:
+        assert spawner.alive and not marker.exists()
+    finally:
+        spawner.close()
