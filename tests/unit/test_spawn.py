@@ -8,8 +8,8 @@ import os
 import socket
 import subprocess
 from collections.abc import AsyncIterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
