@@ -139,6 +139,8 @@ class JobManager:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._launching: set[asyncio.Task[JobRecord]] = set()  # Starts in flight, whether or not a caller waits
+        # Starts in flight whose start record is queued: its write (see _unrecord)
+        self._recorded: dict[str, asyncio.Future[None]] = {}
         # Records are written in batches (one fdatasync each) by the writer's thread, and jobs' files deleted by
         # its other one: an fsync or an rmtree on the event loop made every call and stream wait with it.
         self._records = RecordWriter(store, self._delete_files)
@@ -387,6 +389,7 @@ class JobManager:
                 undo.callback(job.abandon)
                 record = await self._spawn(job, spec, self._request(spec, lodging, group), undo)
             undo.pop_all()
+        self._recorded.pop(job_id, None)
         return job, lodging.user, record
 
     def _lodge(self, job_id: str, undo: contextlib.AsyncExitStack) -> Lodging:
@@ -396,7 +399,7 @@ class JobManager:
         # after the groups are emptied: its state-dir entry and directories go in the writer's threads (a
         # tombstone after any record queued for it, so nothing of it comes back), the workdir root's at once
         # (the uid may run the next job before the removal is done)
-        undo.callback(self._records.remove, job_id)
+        undo.push_async_callback(self._unrecord, job_id)
         undo.callback(self._work.retire, job_id)
         home = self._work.make_workdir(job_id, user.uid, user.gid)
         private = self._work.make_private(job_id) if self.config.private_tmp else None
@@ -457,24 +460,38 @@ class JobManager:
             job.pid = pid
             first = job.record(usage=NO_USAGE)
             written = self._records.queue(first)
+            written.add_done_callback(_retrieved)  # awaited below, unless the Start fails before that
+            self._recorded[job.id] = written
 
         with out_w, err_w:  # the process has its own copies now: its end is the pipes' EOF
             try:
                 pid, exit_status = await spawner.spawn(request, out_w, err_w, forked)
-            except BaseException as e:
-                if written is not None:  # its outcome no longer matters (undo tombstones the job), only retrieved
-                    written.add_done_callback(_retrieved)
-                if isinstance(e, SpawnError):
-                    raise _spawn_error(spec.argv[0], e, spec.workdir) from None
-                raise
+            except SpawnError as e:
+                raise _spawn_error(spec.argv[0], e, spec.workdir) from None
         job.attach(pid, exit_status, out_r.fileno(), err_r.fileno())
         out_r.detach()  # the job's now: it closes them at EOF
         err_r.detach()
         if written is None or first is None:  # a spawner that does not tell the fork
             first = job.record(usage=NO_USAGE)
             written = self._records.queue(first)
+            self._recorded[job.id] = written
         await written  # acknowledged only once it is on disk
         return first
+
+    async def _unrecord(self, job_id: str) -> None:
+        """A failed Start's record undone: a tombstone; when its start record was queued, the failure is answered
+        only once the tombstone is durable (else a crash could bring back a job its client was told did not
+        start)."""
+        written = self._recorded.pop(job_id, None)
+        if written is not None:
+            await asyncio.wait([written])  # a record the disk refused needs no durable undo (nor a full disk's wait)
+        if written is None or written.cancelled() or written.exception() is not None:
+            self._records.remove(job_id)
+            return
+        try:
+            await self._records.remove_durably(job_id)
+        except Exception:  # the Start's own error is the one to answer; this one is the log's
+            log.exception("job %s: the tombstone of a failed Start was not written", job_id)
 
     def _live_spawner(self) -> Spawner:
         if not self._spawner.alive:

@@ -135,6 +135,19 @@ class RecordWriter:
         self.unsaved_why.pop(job_id, None)
         self._put(_Op(None, job_id))
 
+    async def remove_durably(self, job_id: str) -> None:
+        """remove(), returning once the tombstone is durable (one a full disk refused: once its retry lands)."""
+        self.unsaved.pop(job_id, None)
+        self.unsaved_why.pop(job_id, None)
+        durable: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def done(e: BaseException | None) -> None:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # its waiter was cancelled
+                durable.set_result(None)
+
+        self._put(_Op(None, job_id, done))
+        await asyncio.wrap_future(durable)
+
     async def settled(self) -> None:
         """Until everything queued before is written and the files of every removal queued before are gone."""
         written: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -256,13 +269,15 @@ class RecordWriter:
             for tmp in batch.staged.values():
                 self._store.unstage(tmp)
             # a removal is never refused, only deferred to the next batch (or the janitor's retry)
-            self._deferred = [_Op(None, job_id) for job_id in batch.removed]
+            self._deferred = batch.removals
             batch.answer(e)
             return
         for tmp in batch.staged.values():
             with contextlib.suppress(OSError):  # the journal has it: only the mirror lags
                 self._store.publish(tmp)
         batch.answer(None)
+        for op in batch.removals:  # their tombstones are durable
+            op.done(None)
         if batch.removed:
             with self._deleting_lock:
                 self._deleting.update(batch.removed)
@@ -283,6 +298,7 @@ class RecordWriter:
             if tmp is not None:
                 self._store.unstage(tmp)
             batch.removed.append(op.job_id)
+            batch.removals.append(op)
             self._forget(op.job_id)
             batch.entries.append(removal_entry(op.job_id))
         elif op.job_id in self._removed:
@@ -347,6 +363,7 @@ class _Batch:
     refused: list[tuple[_Op, OSError]] = field(default_factory=list)  # their mirror could not be written
     dropped: list[_Op] = field(default_factory=list)  # saves of removed jobs
     removed: list[str] = field(default_factory=list)
+    removals: list[_Op] = field(default_factory=list)  # the tombstones' ops, answered once they are durable
 
     def answer(self, e: OSError | None) -> None:
         for op in self.waiting:

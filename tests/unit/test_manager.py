@@ -196,6 +196,34 @@ async def test_a_command_that_cannot_exec_is_an_invalid_argument_and_undone(engi
     await assert_undone(engine, "0000aaaa-exec", fds)
 
 
+async def test_a_start_that_fails_after_its_record_was_queued_answers_once_its_tombstone_is_durable(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start record is queued at the fork; an exec that then fails must not be answered before the tombstone
+    is on disk, or a crash in between brings back a job its client was told did not start."""
+    engine.ids.append("0000aaaa-late")
+    engine.spawner.fail = no_such_file()  # the fake tells the fork first, as the helper does
+    held, reached = threading.Event(), threading.Event()
+    real_commit = engine.store.commit
+
+    def commit(entries: Sequence[Entry]) -> None:
+        if any(e.removed and e.job_id == "0000aaaa-late" for e in entries):
+            reached.set()
+            held.wait(10)
+        real_commit(entries)
+
+    monkeypatch.setattr(engine.store, "commit", commit)
+    call = asyncio.ensure_future(engine.manager.start(ALICE, ["nope"]))
+    assert await asyncio.to_thread(reached.wait, 10)
+    await asyncio.sleep(0.05)
+    assert not call.done()  # the tombstone is not durable yet: nor is the failure answered
+    held.set()
+    with pytest.raises(InvalidArgumentError, match="cannot execute 'nope'"):
+        await call
+    journal = (engine.store.root / "journal").read_bytes()
+    assert b'"0000aaaa-late"' in journal and journal.rstrip().endswith(b'{"removed": "0000aaaa-late"}')
+
+
 async def test_a_workdir_the_user_cannot_enter_is_named(engine: Engine) -> None:
     engine.spawner.fail = SpawnError(errno.EACCES, "cwd", "")
     with pytest.raises(InvalidArgumentError, match="cannot enter working directory '/root' as the job's user"):

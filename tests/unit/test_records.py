@@ -42,6 +42,7 @@ class GatedStore(JobStore):
         self.gate.set()
         self.entered = threading.Event()
         self.full = False
+        self.refuse_commits = False  # the journal's disk full (full: the record files')
         self.commits: list[list[Entry]] = []
 
     def stage(self, record: JobRecord, payload: bytes | None = None) -> str:
@@ -52,6 +53,8 @@ class GatedStore(JobStore):
     def commit(self, entries: Sequence[Entry]) -> None:
         self.entered.set()
         self.gate.wait(10)
+        if self.refuse_commits:
+            raise OSError(errno.ENOSPC, "No space left on device")
         batch = list(entries)
         self.commits.append(batch)
         super().commit(batch)
@@ -124,6 +127,24 @@ async def test_a_record_the_disk_refused_is_kept_and_written_by_the_retry(store:
     writer.close()
     records, _ = reload(store)
     assert records[final.id].status is JobStatus.FINISHED
+
+
+async def test_a_durable_removal_returns_only_once_a_tombstone_the_disk_refused_is_written(
+    store: GatedStore,
+) -> None:
+    writer = opened(store)
+    job = record(1)
+    await writer.save(job)
+    store.refuse_commits = True
+    removal = asyncio.ensure_future(writer.remove_durably(job.id))
+    await asyncio.sleep(0.1)
+    assert not removal.done()  # deferred to a later batch, not durable
+    store.refuse_commits = False
+    writer.retry(lambda r: r)  # the janitor's round: the deferred tombstone goes in its batch
+    await asyncio.wait_for(removal, 10)
+    writer.close()
+    records, _ = reload(store)
+    assert job.id not in records
 
 
 async def test_a_save_the_disk_refuses_raises_and_the_restart_keeps_the_last_written(store: GatedStore) -> None:
