@@ -94,7 +94,8 @@ class HelperSpawner:
         self._sock = sock
         self._seq = 0
         self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], asyncio.Future[int] | None]]] = {}
-        self._forked: dict[int, Callable[[int], None]] = {}  # seq -> the caller's forked(pid), until it is told
+        # seq -> the caller's forked(pid), until it is told or its spawn() ends (which takes it out either way)
+        self._forked: dict[int, Callable[[int], None]] = {}
         # the processes whose exit has not been reported yet: an entry goes when its exit arrives
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,7 +165,6 @@ class HelperSpawner:
                 if told is not None:
                     told(msg["forked"])
                 continue
-            self._forked.pop(msg["seq"], None)
             reply = self._replies.pop(msg["seq"], None)
             if reply is None or reply.done():
                 continue
@@ -189,7 +189,6 @@ class HelperSpawner:
             if not fut.done():
                 fut.set_exception(err)
         self._replies.clear()
-        self._forked.clear()
         for exit_fut in self._exits.values():
             if not exit_fut.done():
                 exit_fut.set_exception(err)

@@ -310,9 +310,9 @@ class JobStore:
 
     # -- the write path, in the order a batch takes it (records.RecordWriter, one thread) ---------------------------
 
-    def stage(self, record: JobRecord, payload: bytes | None = None) -> str:
-        """Write the record's mirror (payload: its record_json(), if the caller has it) to a temp file beside
-        record.json (unsynced); its path.
+    def stage(self, record: JobRecord, payload: bytes) -> str:
+        """Write the record's mirror (payload: its record_json(), the bytes its journal line holds too) to a temp
+        file beside record.json (unsynced); its path.
 
         First, because it is where a full disk shows: a record that does not fit is refused before the journal
         names it, so record.json and a restart both keep its last written state."""
@@ -322,8 +322,7 @@ class JobStore:
         tmp = f"{d}/.record.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            data = record_json(record) if payload is None else payload
-            if os.write(fd, data) != len(data):
+            if os.write(fd, payload) != len(payload):
                 raise OSError(28, os.strerror(28), tmp)  # a short write: the disk is full
         except BaseException:
             os.close(fd)

@@ -244,7 +244,7 @@ async def test_a_full_state_disk_at_the_record_is_resource_exhausted_and_undone(
 ) -> None:
     engine.ids.append("0000aaaa-full")
 
-    def full(record: JobRecord, payload: bytes | None = None) -> str:
+    def full(record: JobRecord, payload: bytes) -> str:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(engine.store, "stage", full)  # the record's file is written before the journal names it
