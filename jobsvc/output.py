@@ -4,7 +4,9 @@ Layout of a log directory:
   <segment number>.seg  raw output bytes; segment k holds global offsets [k * S, (k + 1) * S)
   index                 16-byte records (offset of a run's first byte, fd, when it was read: Unix ms in 7 bytes),
                         one per change of stream and at least every RUN_SPAN_MS of output
-  segment-size          the segment size S, so a restarted server can read the log back
+  segment-size          the segment size S if it is not SEGMENT_SIZE, so a restarted server can read the log back
+The directory and its files are made when the first byte (or lost run) comes: a job that writes nothing costs no
+inode here (each is a scan on ext4 without a journal, see jobsvc/workroot.py).
 The bytes live in the page cache, not in the server: readers hold only an offset (memory does not grow with output),
 and the writer never waits for a reader. Retention can drop whole old segments without touching live ones.
 
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import struct
 import threading
 import time
@@ -42,7 +45,7 @@ LOST = 3  # a run of offsets whose bytes could not be stored
 MAX_CHUNK = 1024 * 1024  # the largest Stream message (clients accept 4 MiB)
 MIN_CHUNK = 32 * 1024
 STREAM_BUFFER_BUDGET = 32 * 1024 * 1024  # chunks in flight across all streams, roughly (see chunk_size_for)
-SEGMENT_SIZE = 64 * 1024 * 1024
+SEGMENT_SIZE = 64 * 1024 * 1024  # the format's: a log without a segment-size file has it (never change it)
 _RUN = struct.Struct("<QB7s")  # a record of a log from before timestamps has zeros there: time not known
 INDEX_RESERVE = 4096 * 16
 RUN_SPAN_MS = 100  # a new run (and so a new timestamp) once the current one is this old: time to 0.1 s
@@ -103,6 +106,13 @@ class _NoWriter:
 _NO_WRITER = _NoWriter()
 
 
+def select_poll_now(fd: int) -> list[tuple[int, int]]:
+    """fd's poll events now, without waiting."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return poller.poll(0)
+
+
 def segment_size_for(max_bytes: int | None) -> int:
     """Segments small enough that retention drops at most an eighth of a capped log at a time."""
     if max_bytes is None:
@@ -128,6 +138,7 @@ class OutputLog:
         "_last_run_ms",
         "_last_run_start",
         "_lock",
+        "_made",
         "_max_bytes",
         "_read_fds",
         "_readers",
@@ -157,9 +168,7 @@ class OutputLog:
         create: bool = True,
     ) -> None:
         self._dirname = os.fspath(directory)
-        if create:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            (self._dir / "segment-size").write_text(f"{segment_size}\n")
+        self._made = not create  # a log read back is where it is; a new one is made with its first file
         self._seg_size = segment_size
         self._max_bytes = max_bytes
         self._index_fd = -1
@@ -289,12 +298,21 @@ class OutputLog:
     def _segment_path(self, k: int) -> Path:
         return self._dir / f"{k:012d}.seg"
 
+    def _make(self) -> None:
+        """The log's directory, before its first file (the writer's, once)."""
+        if not self._made:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            if self._seg_size != SEGMENT_SIZE:
+                (self._dir / "segment-size").write_text(f"{self._seg_size}\n")
+            self._made = True
+
     def _write_target(self) -> tuple[int, int, int]:
         """(fd, position in segment, room left) for the next byte."""
         k, pos = divmod(self._w_size, self._seg_size)
         if k != self._wseg:
             if self._wfd >= 0:
                 os.close(self._wfd)
+            self._make()
             self._wfd = os.open(self._segment_path(k), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._wseg = k
         return self._wfd, pos, self._seg_size - pos
@@ -302,6 +320,7 @@ class OutputLog:
     def _index(self) -> int:
         # Opened on demand and closed with the log, so thousands of ended jobs hold no descriptors.
         if self._index_fd < 0:
+            self._make()
             flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
             self._index_fd = os.open(self._dir / "index", flags, 0o600)
             if not self._closed:
@@ -343,8 +362,15 @@ class OutputLog:
     def splice_from(self, fd_tag: int, pipe_fd: int, limit: int) -> int:
         """Move up to limit bytes from a non-blocking pipe into the log without copying through Python.
 
-        Returns 0 at EOF; raises BlockingIOError when the pipe is empty.
+        Returns 0 at EOF; raises BlockingIOError when the pipe is empty. Until the first byte, the pipe is looked at
+        first: a job that writes nothing leaves no files.
         """
+        if self._wfd < 0:
+            _, events = (select_poll_now(pipe_fd) or [(pipe_fd, 0)])[0]
+            if not events & select.POLLIN:
+                if events & (select.POLLHUP | select.POLLERR):
+                    return 0
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
         wfd, pos, room = self._write_target()
         self._declare(fd_tag)
         n = os.splice(pipe_fd, wfd, min(limit, room), offset_dst=pos, flags=_SPLICE_FLAGS)

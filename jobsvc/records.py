@@ -306,10 +306,12 @@ class RecordWriter:
         else:
             payload = record_json(op.record)  # once, for the mirror and the journal line
             try:
-                batch.staged[op.job_id] = self._store.stage(op.record, payload)
+                tmp = self._store.stage(op.record, payload)
             except OSError as e:
                 batch.refused.append((op, e))
                 return
+            if tmp is not None:
+                batch.staged[op.job_id] = tmp
             batch.entries.append(record_entry(op.record, payload))
             batch.waiting.append(op)
 

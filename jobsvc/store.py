@@ -1,8 +1,10 @@
-"""Job records on disk: an append-only journal (the durable truth) and one JSON file per job (its mirror).
+"""Job records on disk: an append-only journal (the durable truth) and one JSON file per ended job (its mirror).
 
 A batch of records is made durable by one append to <state dir>/journal and one fdatasync (group commit: see
-jobsvc/records.py). Each job's <id>/record.json is then renamed into place, unsynced: it is what a restart reads for
-a job the journal does not name (a state dir of format 1, or a record written by hand), and what a person reads.
+jobsvc/records.py). An ended job's <id>/record.json is then renamed into place, unsynced: it is what a restart reads
+for a job the journal does not name (a state dir of format 1, or a record written by hand), and what a person reads.
+A running job has no mirror: the journal alone holds its record (a restart reads the journal first), so a job
+costs one record.json (one inode) in all, not one per record it has had; see jobsvc/workroot.py for why inodes count.
 The journal is rewritten (compacted) to one line per kept job, so it stays the size of what is kept: the store
 knows where each job's last entry is, so compaction copies those lines as they are (nothing parsed), while commits
 go on; only what they appended meanwhile is copied under the commit lock, before the rename.
@@ -208,7 +210,8 @@ NEVER_ACKNOWLEDGED = "no record.json (a start that was never acknowledged)"
 
 
 class JobStore:
-    """The state dir: <dir>/lock, <dir>/instance, <dir>/jobs/<id>/{record.json, output/}.
+    """The state dir: <dir>/lock, <dir>/instance, <dir>/journal, <dir>/jobs/<id>/{record.json, output/} (each made
+    when first needed: an ended job's record.json, the output/ of a job that wrote something).
 
     One store owns a state dir at a time: the lock is taken before anything in it is read, and held until close().
     """
@@ -304,18 +307,22 @@ class JobStore:
         try:
             self.commit([record_entry(record, payload)])
         except BaseException:
-            self.unstage(tmp)
+            if tmp is not None:
+                self.unstage(tmp)
             raise
-        self.publish(tmp)
+        if tmp is not None:
+            self.publish(tmp)
 
     # -- the write path, in the order a batch takes it (records.RecordWriter, one thread) ---------------------------
 
-    def stage(self, record: JobRecord, payload: bytes) -> str:
-        """Write the record's mirror (payload: its record_json(), the bytes its journal line holds too) to a temp
-        file beside record.json (unsynced); its path.
+    def stage(self, record: JobRecord, payload: bytes) -> str | None:
+        """Write an ended job's mirror (payload: its record_json(), the bytes its journal line holds too) to a temp
+        file beside record.json (unsynced); its path. None for a running job's record: it has no mirror.
 
         First, because it is where a full disk shows: a record that does not fit is refused before the journal
         names it, so record.json and a restart both keep its last written state."""
+        if record.ended_at is None:
+            return None
         d = f"{self.jobs_dir}/{record.id}"
         with contextlib.suppress(FileExistsError):
             os.mkdir(d, 0o700)
@@ -475,6 +482,20 @@ class JobStore:
             _fsync_dir(self.jobs_dir)
 
     def load(self, job_id: str) -> JobRecord:
+        """The job's last durable record as a restart reads it: its journal entry, else its record.json (reads the
+        whole journal: for tests and tools, not a server's path). FileNotFoundError if it has none."""
+        try:
+            data = (self.root / JOURNAL).read_bytes()  # by name: the store may be closed
+        except FileNotFoundError:
+            data = b""
+        journal, _, _ = scan_journal(data, record_from_json)
+        entry = journal.get(job_id, NotImplemented)
+        if entry is None:
+            raise FileNotFoundError(f"job {job_id} was removed")
+        if isinstance(entry, JobRecord):
+            return entry
+        if isinstance(entry, Exception):
+            raise entry
         return self._load_from(str(self.job_dir(job_id) / "record.json"))
 
     def load_all(self) -> tuple[list[JobRecord], list[tuple[str, str]]]:

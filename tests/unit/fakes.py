@@ -251,7 +251,7 @@ class FakeWorkspace:
         return path
 
     def make_private(self, job_id: str) -> tuple[str, str]:
-        return str(self.root / ".private" / job_id / "tmp"), str(self.root / ".private" / job_id / "var-tmp")
+        return str(self.root / ".private" / f"{job_id}.tmp"), str(self.root / ".private" / f"{job_id}.var-tmp")
 
     def retire(self, job_id: str) -> None:
         self.retired.append(job_id)

@@ -91,6 +91,7 @@ async def test_start_asks_each_edge_for_the_job_and_records_it_on_disk(engine: E
         30,
     )
     assert engine.store.load(rec.id) == rec  # acknowledged once on disk
+    assert not (engine.store.job_dir(rec.id) / "record.json").exists()  # in the journal only while it runs
 
 
 async def test_a_job_that_ends_by_itself_gives_everything_back(engine: Engine) -> None:
@@ -105,6 +106,7 @@ async def test_a_job_that_ends_by_itself_gives_everything_back(engine: Engine) -
     assert await output_of(engine, ALICE, rec.id) == {STDOUT: b"to stdout\n", STDERR: b"to stderr\n"}
     assert engine.store.load(rec.id) == done  # the final record reached the disk
     await settled(engine, rec.id)
+    assert engine.store._load_from(str(engine.store.job_dir(rec.id) / "record.json")) == done  # and its mirror
     group = engine.group(rec.id)
     assert group.kills >= 1 and group.destroyed  # the rest of its group went with the leader
     assert engine.users.held == set() and engine.work.retired == [rec.id] and engine.work.private_removed == [rec.id]

@@ -172,6 +172,34 @@ async def test_splice_from_a_pipe(tmp_path: Path) -> None:
     ]
 
 
+async def test_a_job_that_writes_nothing_leaves_no_files(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "out")
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    with pytest.raises(BlockingIOError):  # nothing yet, the writer still open
+        log.splice_from(STDOUT, r, 4096)
+    os.close(w)
+    assert log.splice_from(STDOUT, r, 4096) == 0  # the end, and still no file made for it
+    os.close(r)
+    log.end_writes()
+    log.close()
+    assert not (tmp_path / "out").exists()
+    assert await collect(log) == []
+    again = OutputLog.recover(tmp_path / "out")
+    assert (again.start, again.size, again.closed) == (0, 0, True) and await collect(again) == []
+
+
+async def test_segment_size_is_on_disk_only_when_it_is_not_the_formats(tmp_path: Path) -> None:
+    for name, size in (("default", None), ("small", 4096)):
+        log = OutputLog(tmp_path / name) if size is None else OutputLog(tmp_path / name, segment_size=size)
+        log.append(STDOUT, b"x" * 5000)
+        log.notify()
+        log.close()
+        assert (tmp_path / name / "segment-size").exists() == (size is not None)
+        again = OutputLog.recover(tmp_path / name)
+        assert again.size == 5000 and joined(await collect(again)) == b"x" * 5000
+
+
 async def test_retention_drops_whole_old_segments_and_a_keeping_up_reader_misses_nothing(tmp_path: Path) -> None:
     log = OutputLog(tmp_path / "out", segment_size=1024, max_bytes=4096)
     reader = log.follow(0).__aiter__()
@@ -336,9 +364,11 @@ async def test_lost_output_is_a_gap_readers_see_where_it_is(tmp_path: Path) -> N
 
 
 def test_recover_a_log_whose_first_index_record_never_reached_the_disk(tmp_path: Path) -> None:
-    OutputLog(tmp_path / "out", segment_size=4096)
+    log = OutputLog(tmp_path / "out", segment_size=4096)
     # what a full disk leaves: the segment file was made, its run's index record was refused
-    (tmp_path / "out" / f"{0:012d}.seg").touch()
+    assert log.room_for(1) is not False
+    log.end_writes()
+    assert (tmp_path / "out" / f"{0:012d}.seg").exists() and not (tmp_path / "out" / "index").exists()
     again = OutputLog.recover(tmp_path / "out")
     assert (again.start, again.size, again.closed) == (0, 0, True)
 

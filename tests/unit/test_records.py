@@ -45,7 +45,7 @@ class GatedStore(JobStore):
         self.refuse_commits = False  # the journal's disk full (full: the record files')
         self.commits: list[list[Entry]] = []
 
-    def stage(self, record: JobRecord, payload: bytes) -> str:
+    def stage(self, record: JobRecord, payload: bytes) -> str | None:
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
         return super().stage(record, payload)
