@@ -21,6 +21,7 @@ import pytest
 
 from jobsvc._pb import jobs_pb2 as pb
 from jobsvc.cgroups.base import locate
+from jobsvc.store import read_journal
 from tests.system.conftest import processes_in_cgroup_named
 from tests.system.server import BIN, Pki, Server, bound, serve_command, start_server
 
@@ -386,7 +387,11 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_zero(tmp_path: Path, keys: 
 
 
 def _status_on_disk(server: Server, job_id: str) -> str:
-    return str(json.loads((server.state_dir / "jobs" / job_id / "record.json").read_text())["status"])
+    """The job's status as a restart reads it: its last journal entry (a running job has no record.json)."""
+    last, _ = read_journal((server.state_dir / "journal").read_bytes())
+    entry = last.get(job_id)
+    assert entry is not None, f"the journal has no record of {job_id}"
+    return str(entry["status"])
 
 
 def test_a_second_server_on_a_state_dir_in_use_is_refused_and_changes_nothing(

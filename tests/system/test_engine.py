@@ -331,7 +331,7 @@ async def test_records_are_written_off_the_event_loop_and_start_waits_for_its_ow
     assert engine.get("alice", other.id).status is JobStatus.RUNNING  # other calls go on meanwhile
     release.set()
     started = await starting
-    assert (store.job_dir(started.id) / "record.json").exists()
+    assert store.load(started.id) == started  # durable (in the journal: a running job has no record.json)
     assert loop_thread not in committed_on
     monkeypatch.setattr(store, "commit", real_commit)
     for job_id in (other.id, started.id):
