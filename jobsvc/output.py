@@ -106,11 +106,12 @@ class _NoWriter:
 _NO_WRITER = _NoWriter()
 
 
-def select_poll_now(fd: int) -> list[tuple[int, int]]:
-    """fd's poll events now, without waiting."""
+def _events_now(fd: int) -> int:
+    """fd's poll events now, without waiting (0: none)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return poller.poll(0)
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
 
 
 def segment_size_for(max_bytes: int | None) -> int:
@@ -366,8 +367,8 @@ class OutputLog:
         first: a job that writes nothing leaves no files.
         """
         if self._wfd < 0:
-            _, events = (select_poll_now(pipe_fd) or [(pipe_fd, 0)])[0]
-            if not events & select.POLLIN:
+            events = _events_now(pipe_fd)
+            if not events & (select.POLLIN | select.POLLNVAL):  # POLLNVAL: the splice below says what is wrong
                 if events & (select.POLLHUP | select.POLLERR):
                     return 0
                 raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))

@@ -11,8 +11,9 @@ to root, mode 0700 [systemd: DynamicUser= with PrivateTmp= and RemoveIPC=].
 
 Every directory made here is an inode allocated, and later freed, per job. On ext4 without a journal (this
 project's test hosts) each allocation walks past the inodes freed in the last minutes (ext4's recently_deleted()):
-under churn that walk was half the server's CPU. So a job's private dirs sit side by side under .private (two
-inodes, not three with a per-job parent); .private itself keeps them out of every job's reach.
+under churn that walk was a third of all CPU samples (perf), about 40% of the server's own CPU. So a job's private
+dirs sit side by side under .private (two inodes, not three with a per-job parent); .private itself keeps them out
+of every job's reach.
 """
 
 from __future__ import annotations
