@@ -509,8 +509,12 @@ class JobManager:
         self._work.retire(job.id)
         self._uids.release(self._users.pop(job.id))
         self._running.give_back(job.owner)
-        if not self._work.clear_private(job.id):
-            await asyncio.to_thread(self._work.remove_private, job.id)
+        # in a thread: on a filesystem mounted with `discard` each rmdir waits for its block's discard (0.2 ms)
+        await asyncio.to_thread(self._drop_private, job.id)
+
+    def _drop_private(self, job_id: str) -> None:
+        if not self._work.clear_private(job_id):
+            self._work.remove_private(job_id)
 
     async def settled(self) -> None:
         """Until every record write and job removal asked for so far is done (they run in the writer's threads)."""

@@ -74,8 +74,9 @@ class WorkRoot:
         return dirs
 
     def clear_private(self, job_id: str) -> bool:
-        """Remove the job's private /tmp and /var/tmp if the job left them empty (most jobs: two rmdirs, cheap
-        enough for the event loop); False if anything is left, for remove_private() in a thread."""
+        """Remove the job's private /tmp and /var/tmp if the job left them empty (most jobs: two rmdirs); False if
+        anything is left, for remove_private(). Blocking: on a filesystem mounted with `discard` an rmdir waits
+        for the discard of the directory's block."""
         try:
             for d in self._private_dirs(job_id):
                 with contextlib.suppress(FileNotFoundError):
