@@ -186,6 +186,7 @@ class HostLoad:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
         self.before = _process_table()
+        self.steal0 = _steal_seconds()
 
     def report(self) -> dict[str, Any]:
         after = _process_table()
@@ -213,7 +214,18 @@ class HostLoad:
             "other_cpu_share_of_machine": round(total / (elapsed * (os.cpu_count() or 1)), 3) if elapsed else None,
             "top_other": [f"{name}[{pid}] {d:.1f}s" for d, name, pid in other[:3]],
             "loadavg": open("/proc/loadavg").read().split()[:3],
+            # what the hypervisor gave to other guests: invisible above, and it slows every row alike
+            "steal_share_of_machine": (
+                round((_steal_seconds() - self.steal0) / (elapsed * (os.cpu_count() or 1)), 3) if elapsed else None
+            ),
         }
+
+
+def _steal_seconds() -> float:
+    """CPU time stolen from this VM by its host (the steal column of /proc/stat), in seconds."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def self_cpu_seconds() -> float:
@@ -636,6 +648,8 @@ def run_server_bench(
     result.data["host_load"] = load.report()
     if (result.data["host_load"]["other_cpu_share_of_machine"] or 0) > 0.1:
         result.note(f"the machine was busy with other work: {result.data['host_load']}")
+    if (result.data["host_load"]["steal_share_of_machine"] or 0) > 0.05:
+        result.note(f"the hypervisor took CPU from this machine (steal): {result.data['host_load']}")
     return result
 
 
