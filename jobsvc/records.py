@@ -256,7 +256,7 @@ class RecordWriter:
     # -- the thread's side ------------------------------------------------------------------------------------------
 
     def _commit(self, ops: list[_Op]) -> None:
-        """One batch: stage each record's mirror, one journal append + fdatasync, publish the mirrors, answer."""
+        """One batch: stage each ended job's mirror, one journal append + fdatasync, publish the mirrors, answer."""
         batch = _Batch()
         for op in [*self._deferred, *ops]:
             self._add(batch, op)

@@ -319,8 +319,9 @@ class JobStore:
         """Write an ended job's mirror (payload: its record_json(), the bytes its journal line holds too) to a temp
         file beside record.json (unsynced); its path. None for a running job's record: it has no mirror.
 
-        First, because it is where a full disk shows: a record that does not fit is refused before the journal
-        names it, so record.json and a restart both keep its last written state."""
+        First, because it is where a full disk shows: a final record that does not fit is refused before the
+        journal names it, so record.json and a restart both keep its last written state (a running job's record,
+        with no mirror, is refused instead by the journal's append, with the rest of its batch)."""
         if record.ended_at is None:
             return None
         d = f"{self.jobs_dir}/{record.id}"
@@ -489,14 +490,14 @@ class JobStore:
         except FileNotFoundError:
             data = b""
         journal, _, _ = scan_journal(data, record_from_json)
-        entry = journal.get(job_id, NotImplemented)
+        if job_id not in journal:
+            return self._load_from(str(self.job_dir(job_id) / "record.json"))
+        entry = journal[job_id]
         if entry is None:
             raise FileNotFoundError(f"job {job_id} was removed")
-        if isinstance(entry, JobRecord):
-            return entry
         if isinstance(entry, Exception):
             raise entry
-        return self._load_from(str(self.job_dir(job_id) / "record.json"))
+        return entry
 
     def load_all(self) -> tuple[list[JobRecord], list[tuple[str, str]]]:
         """Every readable record, and (job dir, why) for each one skipped. Nothing is deleted.
