@@ -1,13 +1,20 @@
 """Churn: 10,000 jobs of /bin/true started and reaped (32 clients in flight, each Start then Wait), throughput in
 jobs/s, then checks that no groups (under the server's <own>/jobsvc/<instance>/ in every hierarchy), descriptors
 (/proc/<server>/fd) or zombies (children of the server or its spawn helper) are left. Baseline: the same number of
-/bin/true spawned and reaped directly (posix_spawn + waitpid, one thread per core) in the same run."""
+/bin/true spawned and reaped directly (posix_spawn + waitpid, one thread per core) in the same run; and the design's
+kernel floor: bench/design_floor.c does each job's kernel work (6 groups made, joined and removed, the working and
+private dirs, the namespaces and mounts, the uid switch, exec and reap of /bin/true) with nothing else, one process
+per core, so the churn row also reads as a share of what any implementation of this design could reach here."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -37,6 +44,55 @@ def spawn_rate(n: int, threads: int | None = None) -> tuple[float, int]:
             os.waitpid(pid, 0)
 
     return timed_threads(work, shares), n
+
+
+FLOOR_SOURCE = Path(__file__).with_name("design_floor.c")
+FLOOR_UID = 65534  # nobody: outside jobsvc's pool of transient uids
+
+
+def design_floor_rate(n: int, scratch: Path) -> tuple[float, int] | str:
+    """(seconds, jobs) for bench/design_floor.c to do n jobs' kernel work, one process per core, in groups beneath
+    this process's own (cgroup v1); else why it was not measured."""
+    from jobsvc.cgroups.v1 import REQUIRED, find_hierarchies
+
+    own = find_hierarchies()
+    if any(c not in own for c in REQUIRED):
+        return "needs the cgroup v1 hierarchies (this host has not got them all)"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return "no C compiler (cc) to build bench/design_floor.c"
+    scratch.mkdir(parents=True, exist_ok=True)
+    binary = scratch / "design-floor"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(FLOOR_SOURCE)], check=True)
+    dirs = scratch / "floor-dirs"
+    shutil.rmtree(dirs, ignore_errors=True)
+    dirs.mkdir()
+    os.chmod(dirs, 0o711)
+    parents = list(dict.fromkeys(own[c] / f"jobsvc-bench-floor-{os.getpid()}" for c in REQUIRED))
+    procs = os.cpu_count() or 1
+    shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    try:
+        for p in parents:
+            p.mkdir()
+        t0 = time.perf_counter()
+        runs = [
+            subprocess.Popen(
+                [str(binary), str(k), str(FLOOR_UID), str(FLOOR_UID), str(dirs), *map(str, parents)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for k in shares
+        ]
+        outs = [r.communicate()[0] for r in runs]
+        seconds = time.perf_counter() - t0
+        if any(r.returncode != 0 for r in runs):
+            return f"bench/design_floor.c failed: exit {[r.returncode for r in runs]} (its stderr says why)"
+        return seconds, sum(int(o.split()[1]) for o in outs)
+    finally:
+        for p in parents:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        shutil.rmtree(dirs, ignore_errors=True)
 
 
 def leak_report(server: Server, fds_before: dict[str, str]) -> dict[str, Any]:
@@ -111,10 +167,13 @@ def run(opts: Options) -> Result:
             await channel.close()
         b_seconds, b_n = spawn_rate(n)
         rate, b_rate = round(n / elapsed, 1), round(b_n / b_seconds, 1)
+        floor = design_floor_rate(n, server.workdir / "design-floor")
+        floor_rate = round(floor[1] / floor[0], 1) if isinstance(floor, tuple) else None
         result.data = {
             "seconds": round(elapsed, 2),
             "jobs_per_s": rate,
             "baseline_jobs_per_s": b_rate,
+            "design_floor_jobs_per_s": floor_rate,
             "failures": len(failures),
             "failure_sample": failures[:5],
             "server_cpu_ms_per_job": round(1000 * cpu / n, 3),
@@ -125,13 +184,31 @@ def run(opts: Options) -> Result:
             "leaks_after_1s": leaks,
         }
         print(
-            f"  {rate} jobs/s (baseline {b_rate} jobs/s); server CPU {1000 * cpu / n:.2f} ms/job, helper "
+            f"  {rate} jobs/s (baseline {b_rate} jobs/s, design floor {floor_rate} jobs/s); server CPU"
+            f" {1000 * cpu / n:.2f} ms/job, helper "
             f"{1000 * helper / n:.2f} ms/job; RSS {rss_before} -> {rss_after} MB; leaks {leaks}",
             flush=True,
         )
         result.check(
             f"{n:,} x /bin/true started and reaped", rate, "jobs/s", baseline=b_rate, baseline_name="posix_spawn+wait"
         )
+        if isinstance(floor, str):
+            result.note(f"design floor not measured: {floor}")
+        else:
+            result.check(
+                "design floor: each job's kernel work alone (C)",
+                floor_rate,
+                "jobs/s",
+                baseline=b_rate,
+                baseline_name="posix_spawn+wait",
+            )
+            result.check(
+                f"{n:,} x /bin/true, against the design floor",
+                rate,
+                "jobs/s",
+                baseline=floor_rate,
+                baseline_name="design floor",
+            )
         result.check("failed jobs", len(failures), "", target="0", ok=not failures)
         result.check(
             "groups left under the instance", leaks["groups_left"], "", target="0", ok=leaks["groups_left"] == 0
