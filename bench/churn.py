@@ -68,7 +68,7 @@ def design_floor_rate(n: int, scratch: Path) -> tuple[float, int] | str:
     shutil.rmtree(dirs, ignore_errors=True)
     dirs.mkdir()
     os.chmod(dirs, 0o711)
-    parents = list(dict.fromkeys(own[c] / f"jobsvc-bench-floor-{os.getpid()}" for c in REQUIRED))
+    parents = list(dict.fromkeys(own[c] / f"jobsvc-bench-design-floor-{os.getpid()}" for c in REQUIRED))
     procs = os.cpu_count() or 1
     shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
     try:
