@@ -7,10 +7,12 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from jobctl import client as jobctl_client
 from jobctl import main as jobctl_main
 
 from jobsvc import cmd, params
 from jobsvc.model import IoLimit, Limits
+from jobsvc.server import app
 
 
 def serve_options() -> dict[str, click.Parameter]:
@@ -137,3 +139,10 @@ def test_jobsvc_serve_says_what_it_said(tmp_path: Path, args: list[str], said: s
     assert result.exit_code == 2
     assert result.output.splitlines()[-1].startswith(f"Error: {said}"), result.output
     assert not (tmp_path / "state").exists()  # refused while reading the options: nothing was started
+
+
+def test_jobctl_pings_no_more_often_than_jobsvc_takes_pings() -> None:
+    # A client that pings more often than the server allows gets GOAWAY(too_many_pings) and loses its streams; the
+    # two constants live in packages that may not import each other, so this is where they meet.
+    options = dict(jobctl_client.CHANNEL_OPTIONS)
+    assert options["grpc.keepalive_time_ms"] >= app.MIN_CLIENT_PING_INTERVAL * 1000
