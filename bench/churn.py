@@ -63,7 +63,9 @@ def design_floor_rate(n: int, scratch: Path) -> tuple[float, int] | str:
         return "no C compiler (cc) to build bench/design_floor.c"
     scratch.mkdir(parents=True, exist_ok=True)
     binary = scratch / "design-floor"
-    subprocess.run([cc, "-O2", "-o", str(binary), str(FLOOR_SOURCE)], check=True)
+    built = subprocess.run([cc, "-O2", "-o", str(binary), str(FLOOR_SOURCE)], capture_output=True, text=True)
+    if built.returncode != 0:
+        return f"bench/design_floor.c did not build: {built.stderr.strip()[-300:]}"
     dirs = scratch / "floor-dirs"
     shutil.rmtree(dirs, ignore_errors=True)
     dirs.mkdir()
@@ -89,9 +91,11 @@ def design_floor_rate(n: int, scratch: Path) -> tuple[float, int] | str:
             return f"bench/design_floor.c failed: exit {[r.returncode for r in runs]} (its stderr says why)"
         return seconds, sum(int(o.split()[1]) for o in outs)
     finally:
-        for p in parents:
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        for p in parents:  # a run that failed left its last job's groups (empty: the job was reaped)
+            for group in [*(p.iterdir() if p.is_dir() else ()), p]:
+                with contextlib.suppress(OSError):
+                    if group.is_dir():
+                        group.rmdir()
         shutil.rmtree(dirs, ignore_errors=True)
 
 
