@@ -48,7 +48,8 @@ static void child(char **procs, int nprocs, const char *tmp, const char *vartmp,
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) goto fail;
     if (mount(tmp, "/tmp", NULL, MS_BIND, NULL) != 0) goto fail;
     if (mount(vartmp, "/var/tmp", NULL, MS_BIND, NULL) != 0) goto fail;
-    if (mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0) goto fail;
+    if (access("/dev/shm", F_OK) == 0 && mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0)
+        goto fail;
     if (access("/run/lock", F_OK) == 0 &&
         mount("tmpfs", "/run/lock", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=5m") != 0)
         goto fail;
