@@ -151,14 +151,18 @@ class JobManager:
     def open(cls, config: EngineConfig, driver: CgroupDriver | None = None) -> JobManager:
         """Set up the state dir, the work root, this instance's cgroups and the spawn helper."""
         store = JobStore(config.state_dir, durable=config.durable)  # first: it locks the state dir
+        detected: CgroupDriver | None = None
         try:
             WorkRoot(config.work_root).prepare()
             if driver is None:
-                driver = detect(store.instance_id())
+                driver = detected = detect(store.instance_id())
             log.info("%s: job groups beneath %s", driver.name, ", ".join(map(str, driver.base_dirs)))
             # after detect(): on v2 the server has moved into its leaf, and the helper follows
             spawner = HelperSpawner.launch()
         except BaseException:
+            if detected is not None:  # the parent groups detect() made (only if empty: see close)
+                with contextlib.suppress(OSError):
+                    detected.remove_instance()
             store.close()
             raise
         return cls(config, driver, spawner, store)
@@ -678,16 +682,17 @@ class JobManager:
                 self._records.unsaved_why.get(record.id, "unknown error"),
                 _outcome(record),
             )
-        with contextlib.suppress(OSError):
-            self._driver.remove_instance()
         self.close()
         return tuple(unsaved)
 
     def close(self) -> None:
-        """Let go of the spawn helper and the state dir, touching no job or group (also for an engine that never
-        reconciled: a server that could not bind leaves everything as it found it)."""
+        """Let go of the spawn helper, this instance's parent groups if they are empty, and the state dir, touching
+        no job or job group (also for an engine that never reconciled: a server that could not bind leaves a crashed
+        predecessor's jobs and groups as it found them, and no empty groups of its own)."""
         self._records.close()
         self._spawner.close()
+        with contextlib.suppress(OSError):
+            self._driver.remove_instance()  # the kernel refuses (EBUSY) while a job group is left in them
         self._store.close()
 
 

@@ -257,6 +257,12 @@ def test_port_in_use_is_a_clear_startup_error(server: Server, tmp_path: Path) ->
     )
     assert proc.returncode == 1
     assert "cannot listen on" in proc.stderr and "Traceback" not in proc.stderr
+    # nor does it leave the (empty) parent groups it made for its jobs, in any hierarchy
+    from jobsvc.cgroups.base import locate
+
+    instance = (tmp_path / "s" / "instance").read_text().strip()
+    left = [d for d in locate(instance, Path("/proc/self")) if d.exists()]
+    assert not left, left
 
 
 def test_clients_dropping_open_streams_do_not_crash_the_server(server: Server) -> None:
