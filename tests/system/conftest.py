@@ -7,6 +7,7 @@ supervisor leaf first, as the server does, so that in-process engines and the se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -49,6 +50,31 @@ def supervisor_leaf() -> None:
         own = v2.find_unified()
         assert own is not None
         v2.claim(v2.started_in(own), os.getpid())
+
+
+def _instance_groups() -> set[Path]:
+    """Every jobsvc instance's parent group beneath this process's own groups, in every hierarchy."""
+    if CGROUP_VERSION == "v1":
+        parents = [d / "jobsvc" for d in dict.fromkeys(v1.find_hierarchies().values())]
+    else:
+        own = v2.find_unified()
+        parents = [v2.started_in(own) / "jobsvc"] if own is not None else []
+    found = set()
+    for parent in parents:
+        with contextlib.suppress(FileNotFoundError):
+            found |= {d for d in parent.iterdir() if d.is_dir() and d.name != v2.SUPERVISOR}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_groups_left_behind(supervisor_leaf: None) -> Iterator[None]:
+    """After the whole suite (every server and engine stopped, crashed ones taken over or cleaned up, those that
+    could not start gone), none of the instance groups made during it is left, in any hierarchy."""
+    before = _instance_groups() if _why_not() is None else set()
+    yield
+    if _why_not() is None:
+        left = sorted(map(str, _instance_groups() - before))
+        assert not left, f"groups left behind by the system tests: {left}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
