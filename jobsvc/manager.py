@@ -160,9 +160,8 @@ class JobManager:
             # after detect(): on v2 the server has moved into its leaf, and the helper follows
             spawner = HelperSpawner.launch()
         except BaseException:
-            if detected is not None:  # the parent groups detect() made (only if empty: see close)
-                with contextlib.suppress(OSError):
-                    detected.remove_instance()
+            if detected is not None:  # the parent groups detect() made
+                _remove_empty_instance(detected)
             store.close()
             raise
         return cls(config, driver, spawner, store)
@@ -691,9 +690,14 @@ class JobManager:
         predecessor's jobs and groups as it found them, and no empty groups of its own)."""
         self._records.close()
         self._spawner.close()
-        with contextlib.suppress(OSError):
-            self._driver.remove_instance()  # the kernel refuses (EBUSY) while a job group is left in them
+        _remove_empty_instance(self._driver)
         self._store.close()
+
+
+def _remove_empty_instance(driver: CgroupDriver) -> None:
+    """This instance's parent groups, if they are empty: the kernel refuses (EBUSY) while a job group is in them."""
+    with contextlib.suppress(OSError):
+        driver.remove_instance()
 
 
 def _log_orphaned_start(owner: str, launch: asyncio.Task[JobRecord]) -> None:

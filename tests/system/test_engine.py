@@ -358,3 +358,20 @@ async def test_a_work_root_under_tmp_works_though_jobs_get_a_private_tmp(tmp_pat
             await manager.shutdown(grace=1.0)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_engine_whose_helper_does_not_start_leaves_no_groups(
+    tmp_path: Path, work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobsvc.cgroups.base import locate
+    from jobsvc.spawn import HelperSpawner
+
+    def no_helper() -> HelperSpawner:
+        raise OSError(11, "Resource temporarily unavailable")  # as fork() fails when the host is out of processes
+
+    monkeypatch.setattr(HelperSpawner, "launch", staticmethod(no_helper))
+    with pytest.raises(OSError):
+        JobManager.open(EngineConfig(state_dir=tmp_path / "state", work_root=work_root))
+    instance = (tmp_path / "state" / "instance").read_text().strip()
+    left = [d for d in locate(instance, Path("/proc/self")) if d.exists()]
+    assert not left, left
